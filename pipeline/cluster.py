@@ -1,0 +1,62 @@
+"""Starting or joining Ray, and the environment every worker process gets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+
+# Defaults for processes Ray starts; a value already in the driver's environment wins.
+WORKER_ENV_DEFAULTS = {
+    "DS_ACCELERATOR": "cpu",
+    "VLLM_CPU_OMP_THREADS_BIND": "auto",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+PASS_THROUGH = ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "HF_HOME", "PYTHONPATH",
+                "VLLM_CPU_KVCACHE_SPACE", "RAY_AUTH_MODE")
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
+    if cfg.train.gpus_per_worker > 0 or cfg.reference.gpus_per_actor > 0:
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda")
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.reference.engine.kv_cache_space_gib)
+    env.update({k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
+    return env
+
+
+def connect(cfg: RunConfig) -> dict[str, Any]:
+    """ray.init for this run; returns {'dashboard_url', 'address', 'started_local'}."""
+    import ray
+
+    env = worker_env(cfg)
+    for k, v in env.items():  # the driver process itself runs Ray Data/Train drivers too
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return {"dashboard_url": _dashboard_url(None), "address": ctx.gcs_address,
+                "started_local": False}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if cfg.ray.address is None:
+        kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=True,
+                      dashboard_host=cfg.ray.dashboard_host, dashboard_port=cfg.ray.dashboard_port)
+        temp = os.environ.get("RAYALIGN_RAY_TEMP_DIR")
+        if temp:
+            Path(temp).mkdir(parents=True, exist_ok=True)
+            kwargs["_temp_dir"] = temp
+    else:
+        kwargs["address"] = cfg.ray.address
+    info = ray.init(**kwargs)
+    return {"dashboard_url": _dashboard_url(info), "address": info.address_info.get("gcs_address"),
+            "started_local": cfg.ray.address is None}
+
+
+def _dashboard_url(info: Any) -> str | None:
+    url = getattr(info, "dashboard_url", None) if info is not None else None
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"

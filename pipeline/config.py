@@ -1,0 +1,351 @@
+"""Typed run configuration: one YAML file in, validated before any cluster work.
+
+Every section is a pydantic model with ``extra="forbid"``, so a typo is an error that names
+its key path. Relative paths are taken relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class ModelConfig(_Section):
+    policy: str = Field(description="HF model directory (or hub id) of the initial policy.")
+    reference: str | None = Field(None, description="Reference model; defaults to the policy.")
+    tokenizer: str | None = Field(None, description="Tokenizer; defaults to the policy's.")
+    dtype: Dtype = "auto"
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = Field(
+        False, description="Accept .bin/.pt (pickle) checkpoints; safetensors only otherwise."
+    )
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference or self.policy
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.policy
+
+
+class FieldMap(_Section):
+    """Column names in the input parquet files."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    messages: str = "messages"
+    chosen_score: str = "chosen_score"
+    rejected_score: str = "rejected_score"
+    id: str = "id"
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(min_length=1, description="Parquet paths or globs (any pyarrow fs).")
+    eval: list[str] = Field(default_factory=list)
+    fields: FieldMap = Field(default_factory=FieldMap)
+    system_prompt: str | None = None
+    max_prompt_tokens: int = Field(256, gt=0)
+    max_response_tokens: int = Field(256, gt=0)
+    truncation: Literal["keep_end", "keep_start", "truncate_response", "drop"] = Field(
+        "keep_end",
+        description="Over-length pairs: keep the end (or start) of the prompt and cut responses;"
+        " cut responses only (long prompts quarantined); or quarantine the pair.",
+    )
+    chat_template: Literal["auto", "always"] = Field(
+        "auto", description="auto: render message prompts with the tokenizer's chat template and"
+        " use string prompts as-is; always: strings become a user turn too.")
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    shuffle_seed: int = 0
+
+
+class LossConfig(_Section):
+    name: str = "principled"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, ge=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    micro_batch_size: int = Field(4, ge=1, description="Pairs per worker per forward.")
+    global_batch_size: int = Field(16, ge=1, description="Pairs per optimizer step, all workers.")
+    learning_rate: float = Field(5e-6, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    optimizer: Literal["adamw", "cpu_adam"] = "adamw"
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size × num_workers ({self.micro_batch_size} × {self.num_workers}"
+                f" = {per_step})"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class EngineConfig(_Section):
+    """vLLM engine arguments we set; anything else goes into ``extra`` verbatim."""
+
+    dtype: Dtype = "auto"
+    max_model_len: int | None = Field(None, gt=0)
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class PoolConfig(_Section):
+    """A pool of vLLM engine actors (one engine per actor)."""
+
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1, ge=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1, description="Rows per actor call.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class ReferencePoolConfig(PoolConfig):
+    cache_dir: str | None = Field(None, description="Reference log-prob cache; default <run_dir>/cache/reference.")
+
+
+class SamplingConfig(PoolConfig):
+    n: int = Field(4, ge=1, description="Responses per prompt.")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class RoundsConfig(_Section):
+    count: int = Field(1, ge=1)
+    mode: Literal["offline", "iterative", "online"] = "offline"
+    reference: Literal["initial", "previous"] = "initial"
+    prompts: list[str] = Field(
+        default_factory=list, description="Prompt parquet for sampling; default: data prompts."
+    )
+    prompts_per_round: int | None = Field(None, ge=1)
+    pair_rule: Literal["best_vs_worst", "all_above_margin"] = "best_vs_worst"
+    min_margin: float = Field(0.0, ge=0)
+    rejection_sampling: bool = False
+    rso_beta: float = Field(0.5, gt=0)
+    curriculum: bool = False
+    length_guard: bool = True
+
+
+class RewardConfig(_Section):
+    kind: Literal["function", "reward_model", "judge"] = "function"
+    function: str | None = Field(None, description="'module:function' taking (prompts, responses).")
+    model: str | None = Field(None, description="Reward model or judge model path.")
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_target(self) -> "RewardConfig":
+        if self.kind == "function" and not self.function:
+            raise ValueError("reward.kind 'function' needs reward.function ('module:function')")
+        if self.kind != "function" and not self.model:
+            raise ValueError(f"reward.kind '{self.kind}' needs reward.model (a model path)")
+        if self.function and ":" not in self.function:
+            raise ValueError(f"reward.function must be 'module:function', got {self.function!r}")
+        return self
+
+
+class EvalConfig(_Section):
+    max_pairs: int | None = Field(None, ge=1)
+    num_prompts: int = Field(32, ge=0, description="Held-out prompts sampled for gold win rate.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: start a local cluster; 'auto' or ray://.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local cluster.")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+
+
+class RunConfig(_Section):
+    run_dir: str = "runs/default"
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    reference: ReferencePoolConfig = Field(default_factory=ReferencePoolConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig)
+    reward: RewardConfig | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.rounds.mode != "offline" and self.reward is None:
+            raise ValueError(f"rounds.mode '{self.rounds.mode}' samples new pairs: it needs a"
+                             " 'reward' section")
+        if self.rounds.mode == "offline" and self.rounds.count > 1:
+            raise ValueError("rounds.mode 'offline' with rounds.count > 1 would retrain on the"
+                             " same pairs; use mode 'iterative' or 'online'")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_loss(cfg: LossConfig) -> dict[str, Any]:
+    """Resolve the loss name and parameters against the registry; return effective params."""
+    from workers.losses import LOSSES, LossInputError, resolve_params
+
+    if cfg.name not in LOSSES:
+        raise ConfigError(f"loss.name: unknown loss {cfg.name!r}; valid: {', '.join(sorted(LOSSES))}")
+    try:
+        return resolve_params(cfg.name, cfg.params)
+    except LossInputError as err:
+        raise ConfigError(f"loss.params: {err}") from None
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate a config mapping; raise ConfigError naming the source and key paths."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping, got {type(raw).__name__}")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    try:
+        validate_loss(cfg.loss)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted-key overrides (e.g. {"run_dir": "x"}), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = raw or {}
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(raw, str(path))
+
+
+def expand_paths(patterns: list[str], what: str) -> list[str]:
+    """Expand local globs; remote URIs (s3://, gs://, …) are passed through to pyarrow."""
+    out: list[str] = []
+    for pattern in patterns:
+        if "://" in pattern:
+            out.append(pattern)
+            continue
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise ConfigError(f"{what}: no file matches {pattern!r}")
+        for m in matches:
+            if os.path.isdir(m):
+                found = sorted(glob.glob(os.path.join(m, "**", "*.parquet"), recursive=True))
+                if not found:
+                    raise ConfigError(f"{what}: directory {m!r} holds no .parquet files")
+                out.extend(found)
+            else:
+                out.append(m)
+    return out
+
+
+def check_paths(cfg: RunConfig) -> list[str]:
+    """Problems with local paths the run needs, each naming the key and the path."""
+    problems: list[str] = []
+    for key, value in (("model.policy", cfg.model.policy),
+                       ("model.reference", cfg.model.reference_path),
+                       ("model.tokenizer", cfg.model.tokenizer_path)):
+        if _looks_local(value) and not Path(value).exists():
+            problems.append(f"{key}: path does not exist: {value}")
+    for key, patterns in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
+                          ("rounds.prompts", cfg.rounds.prompts)):
+        try:
+            expand_paths(patterns, key)
+        except ConfigError as err:
+            problems.append(str(err))
+    if cfg.reward and cfg.reward.model and _looks_local(cfg.reward.model) \
+            and not Path(cfg.reward.model).exists():
+        problems.append(f"reward.model: path does not exist: {cfg.reward.model}")
+    return problems
+
+
+def _looks_local(value: str) -> bool:
+    """A hub id looks like 'org/name'; anything else (./x, /x, x/y/z, x) is a local path."""
+    if "://" in value:
+        return False
+    parts = value.split("/")
+    return not (len(parts) == 2 and not value.startswith((".", "/")) and not Path(value).exists()
+                and not Path(parts[0]).exists())
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The same config with local relative paths made absolute (workers may run elsewhere)."""
+
+    def fix(value: str | None) -> str | None:
+        if value is None or "://" in value or os.path.isabs(value) or not _looks_local(value):
+            return value
+        return os.path.abspath(value)
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.run_dir = fix(cfg.run_dir)
+    cfg.model.policy = fix(cfg.model.policy)
+    cfg.model.reference = fix(cfg.model.reference)
+    cfg.model.tokenizer = fix(cfg.model.tokenizer)
+    cfg.data.train = [fix(p) for p in cfg.data.train]
+    cfg.data.eval = [fix(p) for p in cfg.data.eval]
+    cfg.rounds.prompts = [fix(p) for p in cfg.rounds.prompts]
+    cfg.reference.cache_dir = fix(cfg.reference.cache_dir)
+    if cfg.reward is not None:
+        cfg.reward.model = fix(cfg.reward.model)
+    return cfg

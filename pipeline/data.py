@@ -1,0 +1,186 @@
+"""Preference rows: normalisation, validation, chat-template rendering, tokenisation.
+
+Pure functions over one row at a time (no Ray here); the prepare stage maps them over
+Ray Data blocks. Accepted input shapes per row:
+
+- strings: ``prompt``, ``chosen``, ``rejected`` plain text;
+- chat: ``prompt`` a list of ``{"role", "content"}`` messages, ``chosen``/``rejected`` a list
+  holding the assistant turn (TRL conversational), or the whole conversation including
+  the prompt turns (UltraFeedback style; the shared prefix becomes the prompt);
+- ``messages`` (the prompt turns) with string or message-list completions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.config import DataConfig
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; `reason` is a short stable code, `detail` names the field."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Pair:
+    prompt: str | Messages
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+    id: str
+
+
+def _messages(value: Any, field: str) -> Messages:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BadRow("bad_messages", f"{field}: expected a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise BadRow("bad_messages", f"{field}[{i}]: expected {{'role': str, 'content': str}}")
+        if m["role"] not in ROLES:
+            raise BadRow("bad_messages", f"{field}[{i}]: unknown role {m['role']!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _check_prompt_roles(prompt: Messages, field: str) -> None:
+    if prompt[-1]["role"] != "user":
+        raise BadRow("bad_role_sequence", f"{field}: the prompt must end with a user turn")
+    if any(m["role"] == "system" for m in prompt[1:]):
+        raise BadRow("bad_role_sequence", f"{field}: a system message may only come first")
+
+
+def _response(value: Any, prompt: Messages | None, field: str) -> tuple[str, Messages | None]:
+    """Response text, and the prompt turns found in a whole-conversation value (if any)."""
+    if isinstance(value, str):
+        return value, None
+    msgs = _messages(value, field)
+    if msgs[-1]["role"] != "assistant":
+        raise BadRow("bad_role_sequence", f"{field}: the last message must be the assistant's")
+    head = msgs[:-1]
+    if head and prompt is not None and head != prompt:
+        raise BadRow("bad_role_sequence", f"{field}: conversation does not start with the prompt")
+    if any(m["role"] == "assistant" and i == len(head) - 1 for i, m in enumerate(head)):
+        raise BadRow("bad_role_sequence", f"{field}: two assistant turns in a row")
+    return msgs[-1]["content"], head or None
+
+
+def _score(row: dict[str, Any], column: str) -> float:
+    value = row.get(column)
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRow("wrong_type", f"{column}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise BadRow("non_finite_score", f"{column}: {value}")
+    return float(value)
+
+
+def normalize_row(row: dict[str, Any], cfg: DataConfig) -> Pair:
+    """Validate one input row and bring it to a `Pair`; raise BadRow otherwise."""
+    f = cfg.fields
+    prompt_value = row.get(f.prompt)
+    if prompt_value is None:
+        prompt_value = row.get(f.messages)
+    prompt: str | Messages | None
+    if prompt_value is None:
+        prompt = None
+    elif isinstance(prompt_value, str):
+        prompt = prompt_value
+    else:
+        prompt = _messages(prompt_value, f.prompt)
+    texts = []
+    for col in (f.chosen, f.rejected):
+        value = row.get(col)
+        if value is None:
+            raise BadRow("missing_field", f"{col} is missing or null")
+        if not isinstance(value, (str, list, tuple)):
+            raise BadRow("wrong_type", f"{col}: expected text or messages, got {type(value).__name__}")
+        text, head = _response(value, prompt if isinstance(prompt, list) else None, col)
+        if head is not None and prompt is None:
+            prompt = head
+        texts.append(text)
+    if prompt is None:
+        raise BadRow("missing_field", f"{f.prompt} is missing or null (and no conversation prefix)")
+    if isinstance(prompt, list):
+        _check_prompt_roles(prompt, f.prompt)
+    elif not prompt.strip():
+        raise BadRow("empty_prompt", f"{f.prompt} is empty")
+    for col, text in zip((f.chosen, f.rejected), texts):
+        if not text.strip():
+            raise BadRow("empty_response", f"{col} is empty")
+    if texts[0] == texts[1]:
+        raise BadRow("chosen_equals_rejected", f"{f.chosen} and {f.rejected} are identical")
+    row_id = row.get(f.id)
+    return Pair(prompt, texts[0], texts[1], _score(row, f.chosen_score),
+                _score(row, f.rejected_score), "" if row_id is None else str(row_id))
+
+
+def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: DataConfig) -> str:
+    """Prompt text as the model sees it: the chat template for messages (and, with
+    ``data.chat_template: always``, for plain strings as a user turn)."""
+    if isinstance(prompt, str):
+        if cfg.chat_template != "always":
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    if cfg.system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": cfg.system_prompt}] + prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRow("no_chat_template", "messages given but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def truncate(prompt_ids: list[int], responses: list[list[int]], cfg: DataConfig
+             ) -> tuple[list[int], list[list[int]], Literal["none", "prompt", "response", "both"]]:
+    """Apply the truncation policy; raise BadRow('over_length') where the policy drops."""
+    over_prompt = len(prompt_ids) > cfg.max_prompt_tokens
+    over_resp = any(len(r) > cfg.max_response_tokens for r in responses)
+    if not (over_prompt or over_resp):
+        return prompt_ids, responses, "none"
+    policy = cfg.truncation
+    if policy == "drop" or (over_prompt and policy == "truncate_response"):
+        raise BadRow("over_length", f"prompt {len(prompt_ids)} tokens (max {cfg.max_prompt_tokens}),"
+                     f" responses {[len(r) for r in responses]} (max {cfg.max_response_tokens})")
+    if over_prompt:
+        k = cfg.max_prompt_tokens
+        prompt_ids = prompt_ids[-k:] if policy == "keep_end" else prompt_ids[:k]
+    responses = [r[: cfg.max_response_tokens] for r in responses]
+    what = "both" if over_prompt and over_resp else ("prompt" if over_prompt else "response")
+    return prompt_ids, responses, what
+
+
+def tokenize_pair(pair: Pair, tokenizer: Any, cfg: DataConfig) -> dict[str, Any]:
+    """Token ids of the rendered prompt and of each response followed by EOS."""
+    prompt_text = render_prompt(pair.prompt, tokenizer, cfg)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise BadRow("empty_prompt", "the prompt renders to no tokens")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    responses = [tokenizer(t, add_special_tokens=False)["input_ids"] + eos
+                 for t in (pair.chosen, pair.rejected)]
+    prompt_ids, responses, truncated = truncate(prompt_ids, responses, cfg)
+    if responses[0] == responses[1]:
+        raise BadRow("chosen_equals_rejected", "identical after tokenisation/truncation")
+    text = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]
+    return {"id": pair.id, "prompt_text": text, "prompt_ids": prompt_ids, "chosen_ids": responses[0],
+            "rejected_ids": responses[1], "chosen_score": pair.chosen_score,
+            "rejected_score": pair.rejected_score, "truncated": truncated}
+
+
+def row_json(row: dict[str, Any]) -> str:
+    """The original row, losslessly enough to fix and re-feed (bytes/odd types as repr)."""
+    return json.dumps(row, default=repr, ensure_ascii=False)

@@ -1,0 +1,67 @@
+"""metrics.jsonl → PNG plots a person can read: training curves and per-round evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TRAIN_PANELS = [
+    ("loss", ["loss"]),
+    ("implicit rewards (β·log π/π_ref)", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+    ("policy log-probs", ["logps/chosen", "logps/rejected"]),
+    ("accuracy", ["rewards/accuracies", "ranking/accuracy"]),
+    ("principled: target and gap", ["principled/target_mean", "principled/gap_to_target"]),
+    ("grad norm / lr", ["grad_norm"]),
+]
+EVAL_KEYS = ["eval/gold_policy", "eval/gold_reference", "eval/win_rate", "eval/kl",
+             "eval/rewards/margins", "eval/ranking/accuracy", "eval/len_policy"]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write train.png and eval.png into run_dir/plots; return the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    train = [r for r in rows if r.get("kind") == "train"]
+    if train:
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+        x = list(range(1, len(train) + 1))  # global step across rounds
+        for ax, (title, keys) in zip(axes.flat, TRAIN_PANELS):
+            for k in keys:
+                ys = [r.get(k) for r in train]
+                if any(y is not None for y in ys):
+                    ax.plot(x, [float("nan") if y is None else y for y in ys], label=k)
+            ax.set_title(title)
+            ax.set_xlabel("optimizer step (all rounds)")
+            if ax.lines:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / "train.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if evals:
+        keys = [k for k in EVAL_KEYS if any(k in r for r in evals)]
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            ax.plot([r.get("round", i) for i, r in enumerate(evals)], [r.get(k) for r in evals], "o-")
+            ax.set_title(k.removeprefix("eval/"), fontsize=9)
+            ax.set_xlabel("round")
+        fig.tight_layout()
+        written.append(out_dir / "eval.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+    return written

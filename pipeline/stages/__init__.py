@@ -1,0 +1,1 @@
+"""One module per stage of a round; each writes parquet + a manifest under the run dir."""

@@ -1,0 +1,58 @@
+"""One local Ray cluster for the whole integration session (ray.init is seconds, not free)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    from pipeline.cluster import WORKER_ENV_DEFAULTS
+
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
+    for k in ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "PYTHONPATH"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    os.environ.update(env)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env},
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_config(toy_world):
+    """make_config(run_dir, **sections): a small valid config over the quick toy world."""
+    from pipeline.config import parse_config
+
+    def make(run_dir, **sections):
+        raw = {
+            "run_dir": str(run_dir),
+            "model": {"policy": str(toy_world.model_dir), "dtype": "float32"},
+            "data": {"train": [str(toy_world.train_path)], "eval": [str(toy_world.eval_path)],
+                     "chat_template": "always", "max_prompt_tokens": 64,
+                     "max_response_tokens": 64},
+            "loss": {"name": "principled", "params": {"beta": 0.1}},
+            "train": {"num_workers": 2, "micro_batch_size": 4, "global_batch_size": 16,
+                      "learning_rate": 1e-4, "precision": "fp32"},
+            "reference": {"batch_size": 64, "cache_dir": str(toy_world.root / "ref-cache"),
+                          "engine": {"dtype": "float32", "max_model_len": 256}},
+            "sampling": {"batch_size": 64, "max_tokens": 32,
+                         "engine": {"dtype": "float32", "max_model_len": 256}},
+            "reward": {"kind": "function", "function": "workers.rewards:toy_gold_rewards"},
+            "eval": {"num_prompts": 16},
+            "ray": {"num_cpus": 4},
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section].update(values)
+            else:
+                raw[section] = values
+        return parse_config(raw)
+
+    return make

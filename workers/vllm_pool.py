@@ -1,0 +1,156 @@
+"""vLLM engines as Ray Data actor UDFs: prompt log-probs of given responses, and sampling.
+
+One engine per actor. A pool is `ds.map_batches(UDF, concurrency=N, ...)`; Ray Data keeps
+the actors alive across batches and restarts one that dies.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+
+def _ints(ids: Sequence[Any]) -> list[int]:
+    return [int(t) for t in ids]  # vLLM's msgpack encoder refuses numpy integers
+
+
+class Engine:
+    """A vLLM `LLM` built from our engine config (see `pipeline.config.EngineConfig`)."""
+
+    def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
+                 seed: int = 0):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("kv_cache_space_gib", 1)))
+        from vllm import LLM
+
+        kwargs = dict(model=model_path, tokenizer=model_path, dtype=engine.get("dtype", "auto"),
+                      enforce_eager=engine.get("enforce_eager", True), seed=seed,
+                      trust_remote_code=trust_remote_code,
+                      tensor_parallel_size=engine.get("tensor_parallel_size", 1))
+        if engine.get("max_model_len"):
+            kwargs["max_model_len"] = engine["max_model_len"]
+        if _has_gpu():
+            kwargs["gpu_memory_utilization"] = engine.get("gpu_memory_utilization", 0.85)
+        kwargs.update(engine.get("extra") or {})
+        self.llm = LLM(**kwargs)
+
+    def sequence_logprobs(self, prompts: Sequence[Sequence[int]],
+                          responses: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Per-token log-probs of each response given its prompt (teacher forcing)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        full = [_ints(p) + _ints(r) for p, r in zip(prompts, responses)]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params,
+                                 use_tqdm=False)
+        result = []
+        for out, ids, prompt in zip(outs, full, prompts):
+            start = len(prompt)
+            result.append([out.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))])
+        return result
+
+    def sample(self, prompts: Sequence[Sequence[int]], n: int, temperature: float, top_p: float,
+               max_tokens: int, seed: int) -> list[list[tuple[list[int], float, str]]]:
+        """n samples per prompt: (token ids, summed log-prob, text)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                seed=seed, logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=_ints(p)) for p in prompts],
+                                 params, use_tqdm=False)
+        result = []
+        for out in outs:
+            samples = []
+            for c in out.outputs:
+                logp = sum(step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids))
+                samples.append((list(c.token_ids), float(logp), c.text))
+            result.append(samples)
+        return result
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class PairLogprobs:
+    """Ray Data UDF: summed log-probs (and shared-prefix sums) of chosen and rejected.
+
+    Adds columns `<prefix>_chosen_logp`, `<prefix>_rejected_logp`, `<prefix>_chosen_prefix_logp`,
+    `<prefix>_rejected_prefix_logp` (sum over the first min(|y_w|, |y_l|) tokens, for LD-DPO),
+    `chosen_len`, `rejected_len`.
+    """
+
+    def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
+                 prefix: str = "ref"):
+        self.engine = Engine(model_path, engine, trust_remote_code)
+        self.prefix = prefix
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = batch.column("prompt_ids").to_pylist()
+        chosen = self.engine.sequence_logprobs(prompts, batch.column("chosen_ids").to_pylist())
+        rejected = self.engine.sequence_logprobs(prompts, batch.column("rejected_ids").to_pylist())
+        shared = [min(len(c), len(r)) for c, r in zip(chosen, rejected)]
+        p = self.prefix
+        new = {
+            f"{p}_chosen_logp": [sum(x) for x in chosen],
+            f"{p}_rejected_logp": [sum(x) for x in rejected],
+            f"{p}_chosen_prefix_logp": [sum(x[:k]) for x, k in zip(chosen, shared)],
+            f"{p}_rejected_prefix_logp": [sum(x[:k]) for x, k in zip(rejected, shared)],
+        }
+        for name, values in new.items():
+            batch = batch.append_column(name, pa.array(values, pa.float64()))
+        for name, values in (("chosen_len", chosen), ("rejected_len", rejected)):
+            batch = batch.append_column(name, pa.array([len(x) for x in values], pa.int64()))
+        return batch
+
+
+class ResponseLogprobs:
+    """Ray Data UDF: summed log-prob of `response_ids` given `prompt_ids` → column `<prefix>_logp`."""
+
+    def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
+                 prefix: str = "ref"):
+        self.engine = Engine(model_path, engine, trust_remote_code)
+        self.prefix = prefix
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        logps = self.engine.sequence_logprobs(batch.column("prompt_ids").to_pylist(),
+                                              batch.column("response_ids").to_pylist())
+        return batch.append_column(f"{self.prefix}_logp",
+                                   pa.array([sum(x) for x in logps], pa.float64()))
+
+
+class Sampler:
+    """Ray Data UDF: one row per prompt in, one row per sample out (prompt repeated)."""
+
+    def __init__(self, model_path: str, engine: dict[str, Any], sampling: dict[str, Any],
+                 trust_remote_code: bool = False):
+        self.engine = Engine(model_path, engine, trust_remote_code, seed=sampling.get("seed", 0))
+        self.sampling = sampling
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        s = self.sampling
+        prompts = list(batch["prompt_ids"])
+        samples = self.engine.sample(prompts, s["n"], s["temperature"], s["top_p"],
+                                     s["max_tokens"], s["seed"])
+        out: dict[str, list[Any]] = {k: [] for k in ("prompt_id", "prompt_ids", "prompt_text",
+                                                     "sample_index", "response_ids", "response",
+                                                     "policy_logp")}
+        for i, per_prompt in enumerate(samples):
+            for j, (ids, logp, text) in enumerate(per_prompt):
+                out["prompt_id"].append(str(batch["prompt_id"][i]))
+                out["prompt_ids"].append(_ints(prompts[i]))
+                out["prompt_text"].append(str(batch["prompt_text"][i]))
+                out["sample_index"].append(j)
+                out["response_ids"].append(ids)
+                out["response"].append(text)
+                out["policy_logp"].append(logp)
+        return out
