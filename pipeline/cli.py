@@ -1,4 +1,4 @@
-"""`rayalign` command line: run | resume | toy (more commands arrive with the cluster issue)."""
+"""`rayalign` command line: run | resume | toy | submit | status | logs."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, check_paths, load_config, validate_loss
+from pipeline.submit import ClusterUnreachable, add_job_commands
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
     overrides = {"run_dir": args.run_dir} if getattr(args, "run_dir", None) else {}
+    if getattr(args, "ray_address", None):
+        overrides["ray.address"] = args.ray_address
     return load_config(args.config, overrides)
 
 
 def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
     """The effective config (defaults resolved) and placement plan as text, and the problems."""
-    from pipeline.plan import Resources, check_plan, format_plan, local_resources, stage_plans
+    from pipeline.plan import check_plan, format_plan, stage_plans
 
     effective = cfg.model_dump(mode="json")
     effective["model"]["reference"] = cfg.model.reference_path
@@ -25,16 +28,29 @@ def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
     effective["loss"]["params"] = validate_loss(cfg.loss)
     effective["train"]["grad_accum_steps"] = cfg.train.grad_accum_steps
     plans = stage_plans(cfg)
-    if cfg.ray.address is None:
-        have = local_resources(cfg)
-    else:
-        have = Resources(float("inf"), float("inf"), f"cluster at {cfg.ray.address} (not queried)")
-    parts = ["effective config:", json.dumps(effective, indent=2), "", "placement plan:",
-             format_plan(plans, have)]
-    problems = check_plan(plans, have) + check_paths(cfg)
+    have, problems = _resources(cfg)
+    parts = ["effective config:", json.dumps(effective, indent=2), "", "placement plan:"]
+    if have is not None:
+        parts.append(format_plan(plans, have))
+        problems += check_plan(plans, have)
+    problems += check_paths(cfg)
     parts += ["", "problems:" if problems else "no problems found."]
     parts += [f"  - {p}" for p in problems]
     return "\n".join(parts), problems
+
+
+def _resources(cfg: RunConfig):
+    """This machine's resources, or the nodes of the cluster at ray.address (queried)."""
+    from pipeline.plan import Resources, local_resources
+
+    if cfg.ray.address is None:
+        return local_resources(cfg), []
+    from pipeline.cluster import cluster_nodes
+
+    try:
+        return Resources(cluster_nodes(cfg.ray.address), f"cluster at {cfg.ray.address}"), []
+    except (ConnectionError, RuntimeError, ValueError) as err:  # reported, not raised
+        return None, [f"ray.address: cannot query the cluster at {cfg.ray.address}: {err}"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -71,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="override the config's run_dir")
     run.add_argument("--dry-run", action="store_true",
                      help="validate, print the effective config and placement plan, start nothing")
+    run.add_argument("--ray-address", help="override ray.address (e.g. 'auto' inside a Ray job)")
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run from its last finished stage")
@@ -81,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("out_dir")
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_toy)
+    add_job_commands(sub)
     return p
 
 
@@ -91,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"rayalign: config error: {err}", file=sys.stderr)
         return 2
+    except ClusterUnreachable as err:
+        print(f"rayalign: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

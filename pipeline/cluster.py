@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,14 @@ def connect(cfg: RunConfig) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {"dashboard_url": _dashboard_url(None), "address": ctx.gcs_address,
                 "started_local": False}
+    # Inside a submitted job, Ray refuses env vars set both by the job and by ray.init.
+    job_env = _job_env_vars()
+    env = {k: v for k, v in env.items() if k not in job_env}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cfg.ray.address is None:
         kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=True,
-                      dashboard_host=cfg.ray.dashboard_host, dashboard_port=cfg.ray.dashboard_port)
+                      dashboard_host=cfg.ray.dashboard_host, dashboard_port=cfg.ray.dashboard_port,
+                      resources=dict(cfg.ray.resources) or None)
         temp = os.environ.get("RAYALIGN_RAY_TEMP_DIR")
         if temp:
             Path(temp).mkdir(parents=True, exist_ok=True)
@@ -60,3 +65,39 @@ def _dashboard_url(info: Any) -> str | None:
     if not url:
         return None
     return url if url.startswith("http") else f"http://{url}"
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env of the Ray job this driver runs in ({} outside a job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+
+
+def cluster_nodes(address: str) -> list[dict[str, float]]:
+    """Total resources of each alive node of a running cluster.
+
+    An http(s) address is a dashboard: ask its state API (no driver is started). Any other
+    address ('auto', 'HOST:PORT', 'ray://…') is joined with ray.init and left again.
+    """
+    if address.startswith(("http://", "https://")):
+        from ray.util.state import list_nodes
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                               raise_on_missing_output=False)
+        except RayStateApiException as err:
+            raise ConnectionError(str(err).splitlines()[0]) from None
+        return [dict(n.resources_total) for n in nodes]
+    import ray
+
+    joined = not ray.is_initialized()
+    if joined:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    try:
+        return [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    finally:
+        if joined:
+            ray.shutdown()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -20,10 +20,23 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources (e.g. {"gpu_node": 0.01}) that pin a stage to node types."""
+    for name, amount in value.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom resource; use the cpus/gpus fields")
+        if not amount > 0:
+            raise ValueError(f"custom resource {name!r} needs a positive amount, got {amount}")
+    return value
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 class ModelConfig(_Section):
@@ -102,6 +115,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     packing: bool = False
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    resources: CustomResources = Field(
+        default_factory=dict, description="Custom Ray resources per worker, e.g. {gpu_node: 0.01}.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -139,6 +154,8 @@ class PoolConfig(_Section):
     gpus_per_actor: float = Field(0, ge=0)
     batch_size: int = Field(32, ge=1, description="Rows per actor call.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: CustomResources = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {gpu_node: 0.01}.")
 
 
 class ReferencePoolConfig(PoolConfig):
@@ -154,19 +171,31 @@ class SamplingConfig(PoolConfig):
 
 
 class RoundsConfig(_Section):
+    """offline: one round on the given pairs. iterative: after an optional first round on the
+    given pairs, every round samples the current policy on the whole prompt pool, scores,
+    pairs and trains. online: the same, but each round takes a fresh slice of
+    `prompts_per_round` prompts from the (seeded, shuffled) pool, so prompts stream by."""
+
     count: int = Field(1, ge=1)
     mode: Literal["offline", "iterative", "online"] = "offline"
-    reference: Literal["initial", "previous"] = "initial"
+    reference: Literal["initial", "previous"] = Field(
+        "initial", description="Reference of round k: the initial model or round k-1's policy.")
     prompts: list[str] = Field(
-        default_factory=list, description="Prompt parquet for sampling; default: data prompts."
-    )
+        default_factory=list, description="Prompt parquet (column `prompt`: text or messages);"
+        " default: the prompts of data.train.")
     prompts_per_round: int | None = Field(None, ge=1)
     pair_rule: Literal["best_vs_worst", "all_above_margin"] = "best_vs_worst"
-    min_margin: float = Field(0.0, ge=0)
-    rejection_sampling: bool = False
+    min_margin: float = Field(0.0, ge=0, description="Drop pairs whose reward gap is ≤ this"
+                              " (ties are always dropped).")
+    max_length_ratio: float | None = Field(
+        None, gt=1, description="Length guard: drop pairs whose chosen response is more than"
+        " this many times longer (in tokens) than the rejected one.")
+    rejection_sampling: bool = Field(False, description="RSO: accept each sample with"
+                                     " probability exp((r - r_max)/rso_beta) before pairing.")
     rso_beta: float = Field(0.5, gt=0)
-    curriculum: bool = False
-    length_guard: bool = True
+    curriculum: bool = Field(False, description="Curry-DPO: train on pairs ordered by reward"
+                             " gap, largest (easiest) first, instead of shuffled.")
+    seed: int = 0
 
 
 class RewardConfig(_Section):
@@ -174,6 +203,9 @@ class RewardConfig(_Section):
     function: str | None = Field(None, description="'module:function' taking (prompts, responses).")
     model: str | None = Field(None, description="Reward model or judge model path.")
     batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1, description="Reward-model / judge actors.")
+    cpus_per_actor: float = Field(1, ge=0)
+    gpus_per_actor: float = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _needs_target(self) -> "RewardConfig":
@@ -189,6 +221,8 @@ class RewardConfig(_Section):
 class EvalConfig(_Section):
     max_pairs: int | None = Field(None, ge=1)
     num_prompts: int = Field(32, ge=0, description="Held-out prompts sampled for gold win rate.")
+    gold_reward: str | None = Field(
+        None, description="'module:function' scoring eval samples; default: reward.function.")
 
 
 class RayConfig(_Section):
@@ -196,6 +230,8 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local cluster.")
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
+    resources: CustomResources = Field(
+        default_factory=dict, description="Custom resources of a local cluster (address unset).")
 
 
 class RunConfig(_Section):

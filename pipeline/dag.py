@@ -1,4 +1,9 @@
-"""The stage graph of a round: prepare → reference → train → evaluate, each skippable.
+"""The stage graph of a run: rounds of stages, each stage skippable.
+
+An offline round is prepare → reference → train → evaluate. A sampled round (iterative or
+online mode) is sample → score → pair → reference → train → evaluate, starting from the
+previous round's policy. `prepare` runs once (in round-0) and later rounds use its eval
+split (and its prompts, when rounds.prompts is not set).
 
 Each stage's key hashes its inputs (upstream keys, files, model digests) and the config it
 reads. A stage whose manifest holds the same key is skipped, so running again, or
@@ -16,10 +21,24 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import (ConfigError, RunConfig, check_paths, expand_paths, load_config,
-                             with_absolute_paths)
-from pipeline.manifest import (Manifest, commit, files_digest, finished, model_digest,
-                               scratch_dir, stable_hash)
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    check_paths,
+    expand_paths,
+    load_config,
+    with_absolute_paths,
+)
+from pipeline.data import loss_requires_scores
+from pipeline.manifest import (
+    Manifest,
+    commit,
+    files_digest,
+    finished,
+    model_digest,
+    scratch_dir,
+    stable_hash,
+)
 
 console = Console()
 
@@ -34,15 +53,27 @@ class Round:
     env: dict[str, str]
     sink: Any = None
     done: dict[str, Manifest] = field(default_factory=dict)
+    stage_dirs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
         return self.run_dir / f"round-{self.index}"
 
+    @property
+    def sampled(self) -> bool:
+        """Does this round train on fresh on-policy samples (rather than the given pairs)?"""
+        return self.cfg.rounds.mode != "offline" and (self.index > 0 or not self.cfg.data.train)
+
     def stage_path(self, stage: str, output: str) -> Path:
-        value = self.done[stage].outputs[output]
-        path = Path(value)
-        return path if path.is_absolute() else self.dir / stage / path
+        path = Path(self.done[stage].outputs[output])
+        return path if path.is_absolute() else self.stage_dirs[stage] / path
+
+    def has(self, stage: str, output: str) -> bool:
+        return stage in self.done and output in self.done[stage].outputs
+
+    def train_source(self) -> str:
+        """The stage whose `train` pairs this round trains on."""
+        return "pair" if self.sampled else "prepare"
 
 
 @dataclass
@@ -59,7 +90,8 @@ def _prepare_inputs(r: Round) -> dict[str, Any]:
     files = {"train": expand_paths(cfg.data.train, "data.train"),
              "eval": expand_paths(cfg.data.eval, "data.eval")}
     return {"files": {k: files_digest(v) for k, v in files.items()},
-            "tokenizer": model_digest(cfg.model.tokenizer_path), "data": cfg.data.model_dump()}
+            "tokenizer": model_digest(cfg.model.tokenizer_path), "data": cfg.data.model_dump(),
+            "requires_scores": loss_requires_scores(cfg.loss)}
 
 
 def _prepare(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -71,9 +103,11 @@ def _prepare(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
         if not patterns:
             continue
         stats = run_prepare(expand_paths(patterns, f"data.{split}"), cfg.model.tokenizer_path,
-                            cfg.data, out / split, cfg.model.trust_remote_code)
-        console.print(f"  {split}: {stats['pairs']} pairs, {stats['quarantined']} quarantined"
-                      f" {stats['quarantine_reasons'] or ''}; lengths {stats['lengths']}")
+                            cfg.data, out / split, cfg.model.trust_remote_code,
+                            requires_scores=inputs["requires_scores"], console=console)
+        if r.sink is not None:
+            r.sink.log.remote("prepare", {"split": split, "pairs": stats["pairs"],
+                                          "quarantined": stats["quarantined"]})
         outputs[split] = f"{split}/pairs.parquet"
         outputs[f"{split}_stats"] = stats
     return outputs
@@ -83,7 +117,8 @@ def _reference_inputs(r: Round) -> dict[str, Any]:
     from pipeline.stages.reference import cache_key
 
     data = r.cfg.data
-    key = cache_key(r.reference_path, r.cfg.model.tokenizer_path, r.done["prepare"].key,
+    data_key = stable_hash([r.done["prepare"].key, r.done[r.train_source()].key])
+    key = cache_key(r.reference_path, r.cfg.model.tokenizer_path, data_key,
                     {"prompt": data.max_prompt_tokens, "response": data.max_response_tokens,
                      "truncation": data.truncation}, r.cfg.reference.engine.dtype)
     return {"cache_key": key}
@@ -92,8 +127,11 @@ def _reference_inputs(r: Round) -> dict[str, Any]:
 def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.reference import run_reference
 
-    prep = r.done["prepare"].outputs
-    splits = {s: r.stage_path("prepare", s) for s in ("train", "eval") if s in prep}
+    splits = {}
+    if r.has(r.train_source(), "train"):
+        splits["train"] = r.stage_path(r.train_source(), "train")
+    if r.has("prepare", "eval"):
+        splits["eval"] = r.stage_path("prepare", "eval")
     key = inputs["cache_key"]
     cache_root = Path(r.cfg.reference.cache_dir or r.run_dir / "cache" / "reference")
     result = run_reference(splits, key, cache_root, r.reference_path, r.cfg.reference,
@@ -107,23 +145,26 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 def _train_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     return {"reference": r.done["reference"].key, "policy": model_digest(r.policy_path),
-            "train": cfg.train.model_dump(), "loss": cfg.loss.model_dump()}
+            "train": cfg.train.model_dump(), "loss": cfg.loss.model_dump(),
+            "curriculum": cfg.rounds.curriculum and r.sampled}
 
 
 def _train(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.train import run_train
 
-    if r.sink is not None:
-        r.sink.set_context.remote(round=r.index, stage="train")
     result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out,
-                       r.run_dir / "ray_train" / f"round-{r.index}", r.env, r.sink)
+                       r.run_dir / "ray_train" / f"round-{r.index}", r.env, r.sink,
+                       shuffle=not inputs["curriculum"])
     console.print(f"  trained {result['optimizer_steps']} steps on {result['num_pairs']} pairs")
     return result
 
 
 def _evaluate_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
-    return {"train": r.done["train"].key, "eval": cfg.eval.model_dump(),
+    # the trained weights themselves: a retrained policy is evaluated again
+    return {"model": model_digest(str(r.stage_path("train", "model_dir"))),
+            "reference": r.done["reference"].key,
+            "eval": cfg.eval.model_dump(),
             "sampling": cfg.sampling.model_dump(),
             "reward": cfg.reward.model_dump() if cfg.reward else None}
 
@@ -131,12 +172,60 @@ def _evaluate_inputs(r: Round) -> dict[str, Any]:
 def _evaluate(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.evaluate import run_evaluate
 
+    # Compare with the initial model every round, so KL and win rate add up across rounds.
     metrics = run_evaluate(r.stage_path("reference", "eval"), str(r.stage_path("train", "model_dir")),
-                           r.reference_path, r.cfg, out)
+                           r.cfg.model.reference_path, r.cfg, out)
+    metrics["round"] = r.index
     if r.sink is not None:
-        r.sink.set_context.remote(round=r.index, stage="evaluate")
         r.sink.log.remote("eval", metrics)
     return {"metrics": metrics}
+
+
+def _sample_inputs(r: Round) -> dict[str, Any]:
+    cfg = r.cfg
+    prompt_files = expand_paths(cfg.rounds.prompts, "rounds.prompts")
+    return {"policy": model_digest(r.policy_path), "round": r.index,
+            "prompts": files_digest(prompt_files) if prompt_files else r.done["prepare"].key,
+            "sampling": cfg.sampling.model_dump(),
+            "rounds": cfg.rounds.model_dump(include={"mode", "prompts_per_round", "seed"})}
+
+
+def _sample(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.stages.sample import prompt_pool, round_prompts, run_sample
+
+    train = r.stage_path("prepare", "train") if r.has("prepare", "train") else None
+    prompts = round_prompts(prompt_pool(r.cfg, train), r.cfg, r.index)
+    n = run_sample(prompts, r.policy_path, r.cfg, r.cfg.sampling.seed + r.index, out)
+    console.print(f"  {n} samples from {len(prompts)} prompts of policy {r.policy_path}")
+    return {"samples": "samples", "prompts": len(prompts), "rows": n,
+            "policy_path": r.policy_path, "policy_digest": inputs["policy"]}
+
+
+def _score_inputs(r: Round) -> dict[str, Any]:
+    reward = r.cfg.reward
+    return {"sample": r.done["sample"].key, "reward": reward.model_dump(),
+            "model": model_digest(reward.model) if reward.model else None}
+
+
+def _score(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.stages.score import run_score
+
+    stats = run_score(r.stage_path("sample", "samples"), r.cfg, out)
+    console.print(f"  scored {stats['samples']} samples: mean {stats['score_mean']:.3f}")
+    return {"scored": "scored", **stats}
+
+
+def _pair_inputs(r: Round) -> dict[str, Any]:
+    return {"score": r.done["score"].key,
+            "rules": r.cfg.rounds.model_dump(exclude={"count", "prompts", "prompts_per_round"})}
+
+
+def _pair(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.stages.pair import run_pair
+
+    counts = run_pair(r.stage_path("score", "scored"), r.cfg, r.cfg.rounds.seed + r.index, out)
+    console.print(f"  pairs: {counts}")
+    return {"train": "pairs.parquet", "counts": counts}
 
 
 OFFLINE_ROUND = [
@@ -144,6 +233,13 @@ OFFLINE_ROUND = [
     Stage("reference", _reference_inputs, _reference),
     Stage("train", _train_inputs, _train),
     Stage("evaluate", _evaluate_inputs, _evaluate),
+]
+SAMPLED_ROUND = [
+    Stage("prepare", _prepare_inputs, _prepare),
+    Stage("sample", _sample_inputs, _sample),
+    Stage("score", _score_inputs, _score),
+    Stage("pair", _pair_inputs, _pair),
+    *OFFLINE_ROUND[1:],
 ]
 
 
@@ -153,22 +249,27 @@ def run_stages(r: Round, stages: list[Stage]) -> None:
     for stage in stages:
         if stage.name == "evaluate" and not r.cfg.data.eval:
             continue
+        if stage.name in r.done:  # inherited from round 0 (prepare)
+            continue
         inputs = stage.key_inputs(r)
         key = stable_hash({"stage": stage.name, "inputs": inputs})
         stage_dir = r.dir / stage.name
         done = finished(stage_dir, key)
+        r.stage_dirs[stage.name] = stage_dir
         if done is not None:
-            console.print(f"[round {r.index}] {stage.name}: up to date, skipped")
+            console.print(f"\\[round {r.index}] {stage.name}: up to date, skipped")
             r.done[stage.name] = done
             continue
-        console.print(f"[round {r.index}] {stage.name} ...")
+        console.print(f"\\[round {r.index}] {stage.name} ...")
+        if r.sink is not None:
+            r.sink.set_context.remote(round=r.index, stage=stage.name)
         t0 = time.time()
         tmp = scratch_dir(stage_dir)
         outputs = stage.run(r, tmp, inputs)
         manifest = Manifest(stage.name, key, inputs, outputs, time.time() - t0, time.time())
         commit(tmp, stage_dir, manifest)
         r.done[stage.name] = manifest
-        console.print(f"[round {r.index}] {stage.name}: done in {manifest.seconds:.1f}s")
+        console.print(f"\\[round {r.index}] {stage.name}: done in {manifest.seconds:.1f}s")
 
 
 def run_pipeline(cfg: RunConfig) -> int:
@@ -191,10 +292,14 @@ def run_pipeline(cfg: RunConfig) -> int:
         str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)})
     env = worker_env(cfg)
     policy = cfg.model.policy
-    rounds = []
+    rounds: list[Round] = []
     for k in range(cfg.rounds.count):
-        r = Round(cfg, run_dir, k, policy, cfg.model.reference_path, env, sink)
-        run_stages(r, OFFLINE_ROUND)
+        reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
+        r = Round(cfg, run_dir, k, policy, reference, env, sink)
+        if rounds:  # prepare ran once, in round 0
+            r.done["prepare"] = rounds[0].done["prepare"]
+            r.stage_dirs["prepare"] = rounds[0].stage_dirs["prepare"]
+        run_stages(r, SAMPLED_ROUND if r.sampled else OFFLINE_ROUND)
         rounds.append(r)
         policy = str(r.stage_path("train", "model_dir"))
     ray.get(sink.set_context.remote())  # flush pending metric rows

@@ -8,6 +8,8 @@ Ray Data blocks. Accepted input shapes per row:
   holding the assistant turn (TRL conversational), or the whole conversation including
   the prompt turns (UltraFeedback style; the shared prefix becomes the prompt);
 - ``messages`` (the prompt turns) with string or message-list completions.
+
+Column names come from ``data.fields``; text may be ``string`` or ``binary`` (UTF-8) columns.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, LossConfig, validate_loss
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -43,11 +45,30 @@ class Pair:
     id: str
 
 
+def loss_requires_scores(loss: LossConfig) -> bool:
+    """Whether every pair needs finite chosen/rejected scores: the loss takes its target from
+    them (e.g. ``principled`` with ``target: scores``). Decided on the driver, passed to prepare."""
+    return validate_loss(loss).get("target") == "scores"
+
+
+def _text(value: Any, field: str) -> Any:
+    """UTF-8 bytes (binary columns, or string columns holding invalid UTF-8) → str."""
+    if not isinstance(value, (bytes, bytearray)):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRow("undecodable_text", f"{field}: not UTF-8 ({err.reason} at byte {err.start})") \
+            from None
+
+
 def _messages(value: Any, field: str) -> Messages:
     if not isinstance(value, (list, tuple)) or not value:
         raise BadRow("bad_messages", f"{field}: expected a non-empty list of messages")
     out = []
     for i, m in enumerate(value):
+        if isinstance(m, dict):
+            m = {k: _text(m.get(k), f"{field}[{i}].{k}") for k in ("role", "content")}
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                 or not isinstance(m.get("content"), str):
             raise BadRow("bad_messages", f"{field}[{i}]: expected {{'role': str, 'content': str}}")
@@ -79,9 +100,11 @@ def _response(value: Any, prompt: Messages | None, field: str) -> tuple[str, Mes
     return msgs[-1]["content"], head or None
 
 
-def _score(row: dict[str, Any], column: str) -> float:
+def _score(row: dict[str, Any], column: str, required: bool) -> float:
     value = row.get(column)
     if value is None:
+        if required:
+            raise BadRow("missing_score", f"{column} is missing or null and the loss needs scores")
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRow("wrong_type", f"{column}: expected a number, got {type(value).__name__}")
@@ -90,28 +113,35 @@ def _score(row: dict[str, Any], column: str) -> float:
     return float(value)
 
 
-def normalize_row(row: dict[str, Any], cfg: DataConfig) -> Pair:
-    """Validate one input row and bring it to a `Pair`; raise BadRow otherwise."""
+def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = False) -> Pair:
+    """Validate one input row and bring it to a `Pair`; raise BadRow otherwise.
+    `requires_scores`: quarantine pairs without finite scores (see `loss_requires_scores`)."""
     f = cfg.fields
-    prompt_value = row.get(f.prompt)
-    if prompt_value is None:
-        prompt_value = row.get(f.messages)
+    prompt_field = f.prompt if row.get(f.prompt) is not None else f.messages
+    prompt_value = _text(row.get(prompt_field), prompt_field)
     prompt: str | Messages | None
     if prompt_value is None:
         prompt = None
     elif isinstance(prompt_value, str):
         prompt = prompt_value
+    elif isinstance(prompt_value, (list, tuple)):
+        prompt = _messages(prompt_value, prompt_field)
     else:
-        prompt = _messages(prompt_value, f.prompt)
+        raise BadRow("wrong_type", f"{prompt_field}: expected text or messages,"
+                     f" got {type(prompt_value).__name__}")
     texts = []
     for col in (f.chosen, f.rejected):
-        value = row.get(col)
+        value = _text(row.get(col), col)
         if value is None:
             raise BadRow("missing_field", f"{col} is missing or null")
         if not isinstance(value, (str, list, tuple)):
             raise BadRow("wrong_type", f"{col}: expected text or messages, got {type(value).__name__}")
         text, head = _response(value, prompt if isinstance(prompt, list) else None, col)
-        if head is not None and prompt is None:
+        if head is not None:
+            # UltraFeedback: a string prompt beside whole conversations; the turns win
+            if isinstance(prompt, str) and head[-1]["content"].strip() != prompt.strip():
+                raise BadRow("bad_role_sequence",
+                             f"{col}: the conversation's last prompt turn is not {prompt_field}")
             prompt = head
         texts.append(text)
     if prompt is None:
@@ -126,8 +156,9 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig) -> Pair:
     if texts[0] == texts[1]:
         raise BadRow("chosen_equals_rejected", f"{f.chosen} and {f.rejected} are identical")
     row_id = row.get(f.id)
-    return Pair(prompt, texts[0], texts[1], _score(row, f.chosen_score),
-                _score(row, f.rejected_score), "" if row_id is None else str(row_id))
+    return Pair(prompt, texts[0], texts[1], _score(row, f.chosen_score, requires_scores),
+                _score(row, f.rejected_score, requires_scores),
+                "" if row_id is None else str(_text(row_id, f.id)))
 
 
 def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: DataConfig) -> str:

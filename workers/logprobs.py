@@ -8,8 +8,8 @@ whole batch at once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -17,20 +17,44 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class PairBatch:
-    """Token tensors for B pairs laid out as 2B rows: chosen rows first, then rejected."""
+    """Token tensors for B pairs: 2B sequences (chosen first, then rejected) laid out in rows.
 
-    input_ids: torch.Tensor  # [2B, T] long
-    attention_mask: torch.Tensor  # [2B, T] long
-    response_mask: torch.Tensor  # [2B, T] bool, True at positions whose next token is a response token
+    Unpacked (`collate_pairs`): one sequence per row, right-padded, ``attention_mask`` the
+    [R, T] padding mask. Packed (`workers.packing.pack_pairs`): several sequences per row,
+    ``position_ids`` restart at 0 for each, and ``attention_mask`` is either a [R, 1, T, T]
+    bool block-diagonal causal mask or None (the model then derives the sequence boundaries
+    from the position ids: flash-attn varlen, FlexAttention). ``order`` gathers the
+    row-major response log-probs into sequence order; ``counts`` are response tokens per
+    sequence.
+    """
+
+    input_ids: torch.Tensor  # [R, T] long
+    attention_mask: torch.Tensor | None  # [R, T] long, [R, 1, T, T] bool, or None
+    response_mask: torch.Tensor  # [R, T] bool, True at positions whose next token is a response token
     num_pairs: int
+    counts: torch.Tensor  # [2B] long: response tokens of each sequence
+    real_tokens: int  # non-padding tokens
+    position_ids: torch.Tensor | None = None  # [R, T] long
+    order: torch.Tensor | None = None  # [N_response] long, None when rows are already in sequence order
 
-    def to(self, device: torch.device | str) -> "PairBatch":
-        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         self.response_mask.to(device), self.num_pairs)
+    def to(self, device: torch.device | str) -> PairBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return PairBatch(self.input_ids.to(device), move(self.attention_mask),
+                         self.response_mask.to(device), self.num_pairs, self.counts.to(device),
+                         self.real_tokens, move(self.position_ids), move(self.order))
 
     @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_tokens / self.input_ids.numel()
+
+    def per_sequence(self, token_logps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Split flattened response log-probs (row-major, as the model returns them) into
+        the 2B sequences: chosen 0..B-1, then rejected 0..B-1."""
+        if self.order is not None:
+            token_logps = token_logps[self.order]
+        return torch.split(token_logps, self.counts.tolist())
 
 
 def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
@@ -50,7 +74,8 @@ def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequ
         attention_mask[i, : len(row)] = 1
         # position t predicts token t+1: response token j (at index start+j) is predicted at t=start+j-1
         response_mask[i, start - 1 : len(row) - 1] = True
-    return PairBatch(input_ids, attention_mask, response_mask, len(prompt_ids))
+    return PairBatch(input_ids, attention_mask, response_mask, len(prompt_ids),
+                     counts=response_mask[:, :-1].sum(dim=1), real_tokens=int(attention_mask.sum()))
 
 
 def _token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -58,14 +83,27 @@ def _token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     return torch.gather(logits, -1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
-def response_token_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int = 4096,
-                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def _model_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A 4-D bool block mask (True = attend) becomes the additive float mask every HF
+    attention implementation that takes a 4-D mask understands (eager adds it, SDPA too)."""
+    if attention_mask is None or attention_mask.ndim != 4 or attention_mask.dtype != torch.bool:
+        return attention_mask
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+
+
+def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None, response_mask: torch.Tensor,
+                         position_ids: torch.Tensor | None = None,
+                         chunk_size: int = 4096) -> torch.Tensor:
     """Log-probs of every response token, flattened in row-major order: shape [N_response]."""
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=position_ids).last_hidden_state
-    targets = batch.input_ids[:, 1:][batch.response_mask[:, :-1]]
-    selected = hidden[:, :-1][batch.response_mask[:, :-1]]
+    mask = _model_mask(attention_mask, model.get_input_embeddings().weight.dtype)
+    # no KV cache: with one, transformers would not detect packed sequences from position ids
+    hidden = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    targets = input_ids[:, 1:][response_mask[:, :-1]]
+    selected = hidden[:, :-1][response_mask[:, :-1]]
     lm_head = model.get_output_embeddings()
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
@@ -79,21 +117,20 @@ def response_token_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: i
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch,
                    chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and response token counts per row: ([2B] float32, [2B] long)."""
-    mask = batch.response_mask[:, :-1]
-    counts = mask.sum(dim=1)
-    token_logps = response_token_logps(model, batch, chunk_size)
-    row_of_token = torch.repeat_interleave(torch.arange(mask.shape[0], device=counts.device), counts)
-    sums = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    sums = sums.index_add(0, row_of_token, token_logps)
-    return sums, counts
+    """Summed response log-probs and response token counts per sequence: ([2B] float32, [2B] long)."""
+    token_logps = response_token_logps(model, batch.input_ids, batch.attention_mask,
+                                       batch.response_mask, batch.position_ids, chunk_size)
+    sums = torch.stack([t.sum() for t in batch.per_sequence(token_logps)])
+    return sums, batch.counts
 
 
 class ResponseLogps(torch.nn.Module):
     """Wraps a causal LM so that forward returns response-token log-probs.
 
     DeepSpeed wraps this module (not the bare LM), so its engine's forward/backward
-    bookkeeping sees the whole log-prob computation. The LM stays at ``.lm``.
+    bookkeeping sees the whole log-prob computation. The LM stays at ``.lm``. Packed and
+    unpacked batches take the same call: ``attention_mask`` is the 2-D padding mask, a
+    4-D block mask, or None with per-sequence ``position_ids``.
     """
 
     def __init__(self, lm: torch.nn.Module, chunk_size: int = 4096):
@@ -101,7 +138,7 @@ class ResponseLogps(torch.nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 response_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        batch = PairBatch(input_ids, attention_mask, response_mask, input_ids.shape[0] // 2)
-        return response_token_logps(self.lm, batch, self.chunk_size, position_ids)
+        return response_token_logps(self.lm, input_ids, attention_mask, response_mask,
+                                    position_ids, self.chunk_size)

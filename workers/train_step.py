@@ -6,27 +6,34 @@ times on a GPU without Ray.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from workers.logprobs import PairBatch, collate_pairs
 from workers.losses import LossOutput, PairLogps, compute_loss
+from workers.packing import PackedAttention, pack_pairs
+
+
+# Dataset column → PairLogps field, for the per-pair values the trainer does not compute.
+DATASET_FIELDS = {
+    "ref_chosen_logp": "ref_chosen", "ref_rejected_logp": "ref_rejected",
+    "ref_chosen_prefix_logp": "ref_chosen_prefix", "ref_rejected_prefix_logp": "ref_rejected_prefix",
+    "chosen_score": "chosen_score", "rejected_score": "rejected_score",
+    "chosen_winrate": "chosen_winrate", "rejected_winrate": "rejected_winrate",
+}
 
 
 @dataclass
 class PairRows:
-    """A micro-batch of prepared pairs as the training dataset holds them."""
+    """A micro-batch of prepared pairs: token tensors plus the dataset's per-pair values,
+    keyed by PairLogps field name (absent or NaN columns are left out)."""
 
     batch: PairBatch
-    ref_chosen: torch.Tensor | None
-    ref_rejected: torch.Tensor | None
-    ref_chosen_prefix: torch.Tensor | None
-    ref_rejected_prefix: torch.Tensor | None
-    chosen_score: torch.Tensor | None
-    rejected_score: torch.Tensor | None
+    given: dict[str, torch.Tensor]
 
 
 def _column(rows: Mapping[str, Any], name: str) -> torch.Tensor | None:
@@ -38,29 +45,28 @@ def _column(rows: Mapping[str, Any], name: str) -> torch.Tensor | None:
     return torch.as_tensor(values, dtype=torch.float32)
 
 
-def rows_to_pairs(rows: Mapping[str, Any], pad_id: int) -> PairRows:
-    """Build tensors from a dict of columns (numpy batch from Ray Data, or plain lists)."""
-    batch = collate_pairs(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
-    return PairRows(
-        batch=batch,
-        ref_chosen=_column(rows, "ref_chosen_logp"),
-        ref_rejected=_column(rows, "ref_rejected_logp"),
-        ref_chosen_prefix=_column(rows, "ref_chosen_prefix_logp"),
-        ref_rejected_prefix=_column(rows, "ref_rejected_prefix_logp"),
-        chosen_score=_column(rows, "chosen_score"),
-        rejected_score=_column(rows, "rejected_score"),
-    )
+def rows_to_pairs(rows: Mapping[str, Any], pad_id: int,
+                  packing: PackedAttention | None = None) -> PairRows:
+    """Build tensors from a dict of columns (numpy batch from Ray Data, or plain lists);
+    `packing` packs the pairs' sequences into shared rows (see `workers.packing`)."""
+    columns = (rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])
+    batch = (collate_pairs(*columns, pad_id) if packing is None
+             else pack_pairs(*columns, pad_id, attention=packing))
+    given = {field: _column(rows, col) for col, field in DATASET_FIELDS.items()}
+    return PairRows(batch=batch, given={k: v for k, v in given.items() if v is not None})
 
 
 def policy_pair_logps(module: torch.nn.Module, pairs: PairRows) -> PairLogps:
-    """One forward over [chosen; rejected]; sums and shared-prefix sums of response log-probs.
+    """One forward over the pairs' sequences (padded or packed); sums and shared-prefix sums
+    of response log-probs.
 
     `module` is a `workers.logprobs.ResponseLogps` or the DeepSpeed engine wrapping one.
     """
     batch = pairs.batch
-    token_logps = module(batch.input_ids, batch.attention_mask, batch.response_mask)
-    counts = batch.response_mask[:, :-1].sum(dim=1)
-    per_row = torch.split(token_logps, counts.tolist())
+    token_logps = module(batch.input_ids, batch.attention_mask, batch.response_mask,
+                         batch.position_ids)
+    counts = batch.counts
+    per_row = batch.per_sequence(token_logps)
     n = batch.num_pairs
     lengths = counts.to(torch.float32)
     prefix = torch.minimum(counts[:n], counts[n:])
@@ -68,11 +74,9 @@ def policy_pair_logps(module: torch.nn.Module, pairs: PairRows) -> PairLogps:
     prefix_sums = torch.stack([per_row[i][: int(prefix[i % n])].sum() for i in range(2 * n)])
     return PairLogps(
         policy_chosen=sums[:n], policy_rejected=sums[n:],
-        ref_chosen=pairs.ref_chosen, ref_rejected=pairs.ref_rejected,
         chosen_len=lengths[:n], rejected_len=lengths[n:],
-        chosen_score=pairs.chosen_score, rejected_score=pairs.rejected_score,
         policy_chosen_prefix=prefix_sums[:n], policy_rejected_prefix=prefix_sums[n:],
-        ref_chosen_prefix=pairs.ref_chosen_prefix, ref_rejected_prefix=pairs.ref_rejected_prefix,
+        **pairs.given,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from workers.logprobs import ResponseLogps
+from workers.packing import attention_mode
 from workers.train_step import pair_loss, rows_to_pairs
 
 
@@ -39,6 +40,7 @@ class TrainLoopConfig:
     seed: int
     bf16: bool
     gradient_checkpointing: bool
+    packing: bool = False  # pack pairs into shared rows (workers.packing)
     trust_remote_code: bool = False
     logprob_chunk_size: int = 4096
     metrics_sink: Any = None  # a MetricsSink actor handle, or None
@@ -142,6 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False)
     device = engine.device
 
+    packing = attention_mode(model) if cfg.packing else None
     shard = ray.train.get_dataset_shard("train")
     step, micro, t_step = 0, 0, time.perf_counter()
     acc: dict[str, float] = {}
@@ -151,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                        drop_last=True):
             if step >= cfg.optimizer_steps:
                 break
-            pairs = rows_to_pairs(rows, pad_id)
+            pairs = rows_to_pairs(rows, pad_id, packing)
             pairs.batch = pairs.batch.to(device)
             loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params)
             engine.backward(loss)

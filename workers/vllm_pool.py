@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import numpy as np
 import pyarrow as pa
 
 
@@ -129,28 +128,22 @@ class ResponseLogprobs:
 
 
 class Sampler:
-    """Ray Data UDF: one row per prompt in, one row per sample out (prompt repeated)."""
+    """Ray Data UDF: one row per prompt in, `n` rows out (the prompt's columns repeated, plus
+    `sample_index`, `response_ids`, `response`, `policy_logp`)."""
 
     def __init__(self, model_path: str, engine: dict[str, Any], sampling: dict[str, Any],
                  trust_remote_code: bool = False):
         self.engine = Engine(model_path, engine, trust_remote_code, seed=sampling.get("seed", 0))
         self.sampling = sampling
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.sampling
-        prompts = list(batch["prompt_ids"])
+        prompts = batch.column("prompt_ids").to_pylist()
         samples = self.engine.sample(prompts, s["n"], s["temperature"], s["top_p"],
                                      s["max_tokens"], s["seed"])
-        out: dict[str, list[Any]] = {k: [] for k in ("prompt_id", "prompt_ids", "prompt_text",
-                                                     "sample_index", "response_ids", "response",
-                                                     "policy_logp")}
-        for i, per_prompt in enumerate(samples):
+        rows = []
+        for prompt, per_prompt in zip(batch.to_pylist(), samples):
             for j, (ids, logp, text) in enumerate(per_prompt):
-                out["prompt_id"].append(str(batch["prompt_id"][i]))
-                out["prompt_ids"].append(_ints(prompts[i]))
-                out["prompt_text"].append(str(batch["prompt_text"][i]))
-                out["sample_index"].append(j)
-                out["response_ids"].append(ids)
-                out["response"].append(text)
-                out["policy_logp"].append(logp)
-        return out
+                rows.append({**prompt, "sample_index": j, "response_ids": ids, "response": text,
+                             "policy_logp": logp})
+        return pa.Table.from_pylist(rows)

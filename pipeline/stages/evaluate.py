@@ -9,25 +9,16 @@ gold reward of both and the policy's win rate against the reference.
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import PoolConfig, RunConfig, validate_loss
-
-
-def load_reward_fn(spec: str) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
-    """'package.module:function' → the batched reward function (prompts, responses) → scores."""
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward function {spec!r} cannot be loaded: {err}") from None
-    return fn
+from workers.rewards import load_reward_fn
 
 
 def _engine_pool(model_path: str, pool: PoolConfig, trust_remote_code: bool, seed: int):
@@ -36,7 +27,8 @@ def _engine_pool(model_path: str, pool: PoolConfig, trust_remote_code: bool, see
 
     from workers.vllm_pool import Engine
 
-    remote = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(Engine)
+    remote = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor,
+                        resources=pool.resources)(Engine)
     actors = [remote.remote(model_path, pool.engine.model_dump(), trust_remote_code, seed)
               for _ in range(pool.num_actors)]
     return actors, ActorPool(actors)
@@ -95,7 +87,7 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
                       [x[0] for x in pol_samples]) if p_ids else []
     _kill(actors)
 
-    f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)
     logps = PairLogps(
         policy_chosen=f64([sum(x) for x in pol_c]), policy_rejected=f64([sum(x) for x in pol_r]),
         ref_chosen=f64([p["ref_chosen_logp"] for p in pairs]),
@@ -118,8 +110,9 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
         metrics["eval/len_reference"] = float(np.mean([len(x[0]) for x in ref_samples]))
         rows = {"prompt": p_text, "policy_response": [x[2] for x in pol_samples],
                 "reference_response": [x[2] for x in ref_samples], "kl": kl.tolist()}
-        if cfg.reward is not None and cfg.reward.kind == "function":
-            fn = load_reward_fn(cfg.reward.function)
+        gold = cfg.eval.gold_reward or (cfg.reward.function if cfg.reward else None)
+        if gold:
+            fn = load_reward_fn(gold)
             gp = np.array(fn(p_text, rows["policy_response"]), dtype=float)
             gr = np.array(fn(p_text, rows["reference_response"]), dtype=float)
             metrics["eval/gold_policy"] = float(gp.mean())

@@ -25,8 +25,11 @@ def cache_key(reference_path: str, tokenizer_path: str, data_key: str, lengths: 
 
 def pool_map_args(pool: PoolConfig) -> dict[str, Any]:
     """map_batches arguments for a pool of engine actors."""
-    return {"concurrency": pool.num_actors, "num_cpus": pool.cpus_per_actor,
+    args = {"concurrency": pool.num_actors, "num_cpus": pool.cpus_per_actor,
             "num_gpus": pool.gpus_per_actor or None, "batch_size": pool.batch_size}
+    if pool.resources:  # custom resources pin the pool to node types
+        args["resources"] = dict(pool.resources)
+    return args
 
 
 def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolConfig,

@@ -103,3 +103,13 @@ def test_cli_dry_run_exit_codes(tmp_path, capsys, monkeypatch):
     bad.write_text(yaml.safe_dump(with_("train.lr", 1)))
     assert main(["run", str(bad), "--dry-run"]) == 2
     assert "train.lr: unknown key" in capsys.readouterr().err
+
+
+def test_saved_config_reloads_to_the_same_hash(tmp_path):
+    """resume re-reads run_dir/config.yaml: stage keys must not change (0 vs 0.0 did once)."""
+    from pipeline.manifest import stable_hash
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert stable_hash(load_config(saved).model_dump()) == stable_hash(cfg.model_dump())

@@ -12,7 +12,7 @@ from pipeline.toy.build import train_tokenizer
 
 CFG = DataConfig(train=["x"])
 USER = [{"role": "user", "content": "List two fruits."}]
-ASSIST = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+ASSIST = lambda text: [{"role": "assistant", "content": text}]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,30 @@ def test_each_bad_row_has_a_reason(row, reason):
     with pytest.raises(BadRow) as err:
         normalize_row(row, CFG)
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"prompt": 7, "chosen": "a", "rejected": "b"}, "wrong_type"),
+    ({"prompt": "p", "chosen": b"\xff", "rejected": "b"}, "undecodable_text"),
+    ({"prompt": [{"role": "user", "content": b"\xc3"}], "chosen": "a", "rejected": "b"},
+     "undecodable_text"),
+    ({"prompt": "Other.", "chosen": USER + ASSIST("a"), "rejected": USER + ASSIST("b")},
+     "bad_role_sequence"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 1.0}, "missing_score"),
+])
+def test_bad_rows_with_scores_required(row, reason):
+    with pytest.raises(BadRow) as err:
+        normalize_row(row, CFG, requires_scores=True)
+    assert err.value.reason == reason
+
+
+def test_bytes_and_ultrafeedback_prompts_normalise():
+    pair = normalize_row({"prompt": "List two fruits.", "chosen": USER + ASSIST("apple, pear."),
+                          "rejected": USER + ASSIST("rock."), "chosen_score": 1.0,
+                          "rejected_score": 0.0}, CFG, requires_scores=True)
+    assert pair.prompt == USER and pair.chosen_score == 1.0
+    pair = normalize_row({"prompt": b"p", "chosen": "a\u00e9".encode(), "rejected": "b"}, CFG)
+    assert (pair.prompt, pair.chosen) == ("p", "a\u00e9")
 
 
 def test_chat_rendering_and_tokenisation(tok):

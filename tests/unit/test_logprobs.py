@@ -68,3 +68,17 @@ def test_pair_loss_runs_and_counts(model):
     loss, out = pair_loss(module, pairs, "sigmoid", {"beta": 0.1})
     loss.backward()
     assert torch.isfinite(loss) and "rewards/margins" in out.metrics
+
+
+def test_dataset_columns_reach_the_loss(model):
+    """Sampled-round columns (win rates) flow into PairLogps, so `sppo` trains on them."""
+    rows = {"prompt_ids": PROMPTS, "chosen_ids": CHOSEN, "rejected_ids": REJECTED,
+            "ref_chosen_logp": [-10.0, -12.0, -5.0], "ref_rejected_logp": [-20.0, -6.0, -9.0],
+            "chosen_winrate": [1.0, 0.75, 0.5], "rejected_winrate": [0.0, 0.25, 0.5],
+            "chosen_score": [float("nan")] * 3, "rejected_score": [float("nan")] * 3}
+    pairs = rows_to_pairs(rows, pad_id=0)
+    assert set(pairs.given) == {"ref_chosen", "ref_rejected", "chosen_winrate", "rejected_winrate"}
+    logps = policy_pair_logps(ResponseLogps(model), pairs)
+    assert logps.chosen_winrate.tolist() == [1.0, 0.75, 0.5] and logps.chosen_score is None
+    loss, _ = pair_loss(ResponseLogps(model), pairs, "sppo", {"beta": 0.1})
+    assert torch.isfinite(loss)

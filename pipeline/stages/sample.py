@@ -1,0 +1,75 @@
+"""sample: the current policy, loaded into a vLLM actor pool, answers a round's prompts.
+
+A new engine per round loads the previous round's exported checkpoint from disk (cost: one
+engine start, ~15-30 s on CPU for the toy model); the Ray cluster keeps running.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import DataConfig, RunConfig, expand_paths
+
+
+def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, Any]]:
+    """Every prompt a round may sample from: {prompt_id, prompt_text, prompt_ids}."""
+    if cfg.rounds.prompts:
+        from transformers import AutoTokenizer
+
+        from pipeline.data import render_prompt
+
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+        render_cfg = DataConfig(train=["-"], chat_template="always",
+                                system_prompt=cfg.data.system_prompt)
+        pool = []
+        for path in expand_paths(cfg.rounds.prompts, "rounds.prompts"):
+            for i, row in enumerate(pq.read_table(path).to_pylist()):
+                prompt = row.get("prompt") if row.get("prompt") is not None else row.get("messages")
+                if prompt is None:
+                    raise ValueError(f"{path}: row {i}: no 'prompt' (or 'messages') value")
+                ids = tok(render_prompt(prompt, tok, render_cfg), add_special_tokens=False)["input_ids"]
+                text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+                pool.append({"prompt_id": str(row.get("id") or f"{Path(path).name}:{i}"),
+                             "prompt_text": text, "prompt_ids": ids[-cfg.data.max_prompt_tokens:]})
+        return pool
+    if prepared_train is None:
+        raise ValueError("online rounds need prompts: set rounds.prompts or data.train")
+    seen: dict[str, dict[str, Any]] = {}
+    for row in pq.read_table(prepared_train, columns=["prompt_text", "prompt_ids"]).to_pylist():
+        seen.setdefault(row["prompt_text"], {"prompt_id": f"p{len(seen)}", **row})
+    return list(seen.values())
+
+
+def round_prompts(pool: list[dict[str, Any]], cfg: RunConfig, round_index: int) -> list[dict[str, Any]]:
+    """iterative: the whole pool (or its first prompts_per_round); online: a fresh slice per
+    round of the seeded shuffled pool, wrapping around when it runs out."""
+    order = list(range(len(pool)))
+    random.Random(cfg.rounds.seed).shuffle(order)
+    n = min(cfg.rounds.prompts_per_round or len(pool), len(pool))
+    start = round_index * n if cfg.rounds.mode == "online" else 0
+    return [pool[order[(start + i) % len(pool)]] for i in range(n)]
+
+
+def run_sample(prompts: list[dict[str, Any]], policy_path: str, cfg: RunConfig, seed: int,
+               out_dir: Path) -> int:
+    import ray
+
+    from pipeline.stages.reference import pool_map_args
+    from workers.vllm_pool import Sampler
+
+    s = cfg.sampling
+    sampling = {"n": s.n, "temperature": s.temperature, "top_p": s.top_p,
+                "max_tokens": s.max_tokens, "seed": seed}
+    table = pa.Table.from_pylist(prompts)
+    ds = ray.data.from_arrow(table).map_batches(
+        Sampler, fn_constructor_args=(policy_path, s.engine.model_dump(), sampling,
+                                      cfg.model.trust_remote_code),
+        batch_format="pyarrow", **pool_map_args(s))
+    ds.write_parquet(str(out_dir / "samples"))
+    return len(prompts) * s.n

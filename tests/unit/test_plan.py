@@ -1,0 +1,103 @@
+"""Placement plan: units packed onto nodes, custom resources, trainer placement strategies."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, parse_config
+from pipeline.plan import Resources, StagePlan, check_plan, format_plan, stage_plans, units_per_node
+
+BASE = {"model": {"policy": "m"}, "data": {"train": ["d.parquet"]},
+        "loss": {"name": "sigmoid", "params": {"beta": 0.1}},
+        "train": {"num_workers": 2, "micro_batch_size": 1, "global_batch_size": 2}}
+
+
+def config(**sections):
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE.items()}
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return parse_config(raw)
+
+
+def two_nodes(head_cpus=2.0, worker_cpus=2.0, gpus=0.0):
+    return Resources([{"CPU": head_cpus, "head_node": 100.0, "node:127.0.0.1": 1.0},
+                      {"CPU": worker_cpus, "GPU": gpus, "worker_node": 100.0}], "test cluster")
+
+
+def train_plan(cfg):
+    return next(p for p in stage_plans(cfg) if p.stage == "train")
+
+
+def test_custom_resources_reach_the_plan():
+    cfg = config(train={"resources": {"worker_node": 0.5}, "placement_strategy": "SPREAD"},
+                 reference={"resources": {"head_node": 1}})
+    plans = {p.stage: p for p in stage_plans(cfg)}
+    assert plans["train"].demand() == {"CPU": 0.5, "worker_node": 0.5}
+    assert plans["train"].strategy == "SPREAD"
+    assert plans["reference"].demand() == {"CPU": 1, "head_node": 1}
+    text = format_plan(list(plans.values()), two_nodes())
+    assert "worker_node 0.5" in text and "SPREAD" in text and "in 2 node(s)" in text
+    assert "node:127.0.0.1" not in text  # Ray's bookkeeping resources are not shown
+
+
+def test_units_per_node_takes_the_scarcest_resource():
+    assert units_per_node({"CPU": 0.5, "worker_node": 40}, {"CPU": 2, "worker_node": 100}) == 2
+    assert units_per_node({"CPU": 0.5}, {"CPU": 2}) == 4
+    assert units_per_node({"GPU": 1}, {"CPU": 8}) == 0
+
+
+def test_fitting_config_has_no_problems():
+    cfg = config(train={"resources": {"worker_node": 1}}, reference={"resources": {"head_node": 1}},
+                 sampling={"resources": {"head_node": 1}})
+    assert check_plan(stage_plans(cfg), two_nodes()) == []
+
+
+def test_missing_custom_resource_is_named():
+    cfg = config(train={"resources": {"gpu_node": 0.01}})
+    [problem] = check_plan(stage_plans(cfg), two_nodes())
+    assert problem.startswith("stage 'train' needs 1 CPU / 0 GPU + gpu_node 0.02")
+    assert "no node has the custom resource(s) 'gpu_node'" in problem
+    assert "test cluster has 4 CPU / 0 GPU in 2 node(s)" in problem
+
+
+def test_unit_larger_than_any_node_is_refused_even_if_the_total_fits():
+    cfg = config(reference={"cpus_per_actor": 3})
+    [problem] = check_plan(stage_plans(cfg), two_nodes())  # 4 CPUs in all, 2 per node
+    assert "stage 'reference'" in problem and "no single node can hold one unit" in problem
+
+
+@pytest.mark.parametrize("strategy, ok", [("PACK", True), ("SPREAD", True),
+                                          ("STRICT_PACK", False), ("STRICT_SPREAD", True)])
+def test_strategy_counts(strategy, ok):
+    # two workers of 2 CPUs: one per node fits; both on one node does not
+    cfg = config(train={"cpus_per_worker": 2, "placement_strategy": strategy})
+    problems = check_plan([train_plan(cfg)], two_nodes())
+    assert (problems == []) is ok, problems
+    if not ok:
+        assert "STRICT_PACK needs one node for all 2; the best fits 1" in problems[0]
+
+
+def test_strict_spread_needs_distinct_nodes():
+    cfg = config(train={"cpus_per_worker": 0.5, "placement_strategy": "STRICT_SPREAD",
+                        "num_workers": 3, "global_batch_size": 3})
+    [problem] = check_plan([train_plan(cfg)], two_nodes())
+    assert "STRICT_SPREAD needs 3 distinct nodes; 2 can hold one" in problem
+
+
+def test_more_units_than_the_nodes_hold():
+    plan = StagePlan("evaluate", "engines", 5, 1, 0)
+    [problem] = check_plan([plan], two_nodes())
+    assert "the nodes can hold 4 of the 5 units at once" in problem
+
+
+def test_local_custom_resources_count_for_a_local_run():
+    from pipeline.plan import local_resources
+
+    cfg = config(train={"resources": {"trainer": 1}}, ray={"num_cpus": 4, "resources": {"trainer": 2}})
+    assert check_plan(stage_plans(cfg), local_resources(cfg)) == []
+
+
+@pytest.mark.parametrize("bad", [{"CPU": 1}, {"GPU": 1}, {"gpu_node": 0}, {"x": -1}])
+def test_config_rejects_non_custom_or_non_positive_resources(bad):
+    with pytest.raises(ConfigError, match="train.resources"):
+        config(train={"resources": bad})
