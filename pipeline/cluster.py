@@ -44,20 +44,25 @@ def connect(cfg: RunConfig) -> dict[str, Any]:
     # Inside a submitted job, Ray refuses env vars set both by the job and by ray.init.
     job_env = _job_env_vars()
     env = {k: v for k, v in env.items() if k not in job_env}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if cfg.ray.address is None:
-        kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=True,
-                      dashboard_host=cfg.ray.dashboard_host, dashboard_port=cfg.ray.dashboard_port,
-                      resources=dict(cfg.ray.resources) or None)
-        temp = os.environ.get("RAYALIGN_RAY_TEMP_DIR")
-        if temp:
-            Path(temp).mkdir(parents=True, exist_ok=True)
-            kwargs["_temp_dir"] = temp
-    else:
-        kwargs["address"] = cfg.ray.address
-    info = ray.init(**kwargs)
+    info = ray.init(**init_kwargs(cfg, env))
     return {"dashboard_url": _dashboard_url(info), "address": info.address_info.get("gcs_address"),
             "started_local": cfg.ray.address is None}
+
+
+def init_kwargs(cfg: RunConfig, env: dict[str, str]) -> dict[str, Any]:
+    """ray.init arguments: join ray.address, or start a local cluster whose dashboard binds
+    to ray.dashboard_host (127.0.0.1 unless configured)."""
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if cfg.ray.address is not None:
+        return {**kwargs, "address": cfg.ray.address}
+    kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=True,
+                  dashboard_host=cfg.ray.dashboard_host, dashboard_port=cfg.ray.dashboard_port,
+                  resources=dict(cfg.ray.resources) or None)
+    temp = os.environ.get("RAYALIGN_RAY_TEMP_DIR")
+    if temp:
+        Path(temp).mkdir(parents=True, exist_ok=True)
+        kwargs["_temp_dir"] = temp
+    return kwargs
 
 
 def _dashboard_url(info: Any) -> str | None:

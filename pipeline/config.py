@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -86,6 +88,10 @@ class DataConfig(_Section):
         "auto", description="auto: render message prompts with the tokenizer's chat template and"
         " use string prompts as-is; always: strings become a user turn too.")
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    special_tokens_in_text: Literal["quarantine", "allow"] = Field(
+        "quarantine", description="Text holding the tokenizer's special tokens (e.g."
+        " '<|im_start|>system') would inject roles into the chat template: quarantine the row,"
+        " or allow it.")
     shuffle_seed: int = 0
 
 
@@ -117,9 +123,19 @@ class TrainConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     resources: CustomResources = Field(
         default_factory=dict, description="Custom Ray resources per worker, e.g. {gpu_node: 0.01}.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Optimizer steps between DeepSpeed checkpoints a restarted worker"
+        " group resumes from (0: none; a failure then restarts the stage's training).")
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts Ray Train attempts (-1: unlimited).")
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="A NaN/inf loss or gradient: skip that batch and count it, or stop"
+        " the run and save the batch's pair ids.")
+    max_nonfinite: int = Field(
+        10, ge=0, description="With on_nonfinite=skip, stop once more batches than this were skipped.")
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainConfig":
+    def _batch_divides(self) -> TrainConfig:
         per_step = self.micro_batch_size * self.num_workers
         if self.global_batch_size % per_step:
             raise ValueError(
@@ -208,7 +224,7 @@ class RewardConfig(_Section):
     gpus_per_actor: float = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _needs_target(self) -> "RewardConfig":
+    def _needs_target(self) -> RewardConfig:
         if self.kind == "function" and not self.function:
             raise ValueError("reward.kind 'function' needs reward.function ('module:function')")
         if self.kind != "function" and not self.model:
@@ -236,6 +252,8 @@ class RayConfig(_Section):
 
 class RunConfig(_Section):
     run_dir: str = "runs/default"
+    min_free_gib: float = Field(
+        1.0, ge=0, description="Free disk space run_dir needs before any work starts.")
     model: ModelConfig
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -248,10 +266,16 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "RunConfig":
+    def _cross_checks(self) -> RunConfig:
         if self.rounds.mode != "offline" and self.reward is None:
             raise ValueError(f"rounds.mode '{self.rounds.mode}' samples new pairs: it needs a"
                              " 'reward' section")
+        if not self.model.allow_pickle_weights:
+            for key, pool in (("reference", self.reference), ("sampling", self.sampling)):
+                fmt = pool.engine.extra.get("load_format", "safetensors")
+                if fmt != "safetensors":
+                    raise ValueError(f"{key}.engine.extra.load_format '{fmt}' may load pickle"
+                                     " weights: set model.allow_pickle_weights: true to allow it")
         if self.rounds.mode == "offline" and self.rounds.count > 1:
             raise ValueError("rounds.mode 'offline' with rounds.count > 1 would retrain on the"
                              " same pairs; use mode 'iterative' or 'online'")
@@ -353,7 +377,50 @@ def check_paths(cfg: RunConfig) -> list[str]:
     if cfg.reward and cfg.reward.model and _looks_local(cfg.reward.model) \
             and not Path(cfg.reward.model).exists():
         problems.append(f"reward.model: path does not exist: {cfg.reward.model}")
+    if not cfg.model.allow_pickle_weights:
+        for key, value in (("model.policy", cfg.model.policy),
+                           ("model.reference", cfg.model.reference_path),
+                           ("reward.model", cfg.reward.model if cfg.reward else None)):
+            problems += _pickle_only(key, value)
+    problems += run_dir_problems(cfg.run_dir, cfg.min_free_gib)
     return problems
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickle_only(key: str, model_dir: str | None) -> list[str]:
+    """A local model directory whose weights exist only as pickle files (unsafe to load)."""
+    root = Path(model_dir) if model_dir else None
+    if root is None or not root.is_dir() or any(root.glob("*.safetensors")):
+        return []
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return []
+    return [(f"{key}: {root} has only pickle weights ({', '.join(pickles[:3])}); loading them"
+            " can run arbitrary code. Convert to safetensors, or set"
+            " model.allow_pickle_weights: true if you trust the files")]
+
+
+def run_dir_problems(run_dir: str, min_free_gib: float) -> list[str]:
+    """run_dir must be creatable, writable, and have min_free_gib free (checked without
+    creating it: the nearest existing parent is probed)."""
+    if "://" in run_dir:
+        return []
+    path = Path(run_dir).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return [f"run_dir: {run_dir} cannot be created: {existing} is not a directory"]
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return [f"run_dir: {run_dir} is not writable ({existing}: {err.strerror})"]
+    free = shutil.disk_usage(existing).free / 2**30
+    if free < min_free_gib:
+        return [(f"run_dir: only {free:.2f} GiB free on the disk of {existing}, under"
+                f" min_free_gib={min_free_gib:g}")]
+    return []
 
 
 def _looks_local(value: str) -> bool:

@@ -13,9 +13,10 @@ reads. A stage whose manifest holds the same key is skipped, so running again, o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -52,6 +53,7 @@ class Round:
     reference_path: str
     env: dict[str, str]
     sink: Any = None
+    policy_digest: str | None = None  # known when the policy is an earlier round's output
     done: dict[str, Manifest] = field(default_factory=dict)
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -70,6 +72,12 @@ class Round:
 
     def has(self, stage: str, output: str) -> bool:
         return stage in self.done and output in self.done[stage].outputs
+
+    def policy_key(self) -> str:
+        """Digest of the policy weights this round starts from (hashed once per run)."""
+        if self.policy_digest is None:
+            self.policy_digest = model_digest(self.policy_path)
+        return self.policy_digest
 
     def train_source(self) -> str:
         """The stage whose `train` pairs this round trains on."""
@@ -144,7 +152,7 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
 def _train_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
-    return {"reference": r.done["reference"].key, "policy": model_digest(r.policy_path),
+    return {"reference": r.done["reference"].key, "policy": r.policy_key(),
             "train": cfg.train.model_dump(), "loss": cfg.loss.model_dump(),
             "curriculum": cfg.rounds.curriculum and r.sampled}
 
@@ -154,15 +162,25 @@ def _train(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
     result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out,
                        r.run_dir / "ray_train" / f"round-{r.index}", r.env, r.sink,
-                       shuffle=not inputs["curriculum"])
-    console.print(f"  trained {result['optimizer_steps']} steps on {result['num_pairs']} pairs")
-    return result
+                       shuffle=not inputs["curriculum"],
+                       run_name=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
+    console.print(f"  trained {result['optimizer_steps']} steps on {result['num_pairs']} pairs"
+                  + (f" ({result['nonfinite_skipped']} non-finite batches skipped)"
+                     if result["nonfinite_skipped"] else ""))
+    # hashed once here; evaluate and the next round key on it
+    return {**result, "model_digest": model_digest(str(out / result["model_dir"]))}
+
+
+def trained_digest(r: Round) -> str:
+    """Digest of this round's trained weights (recorded by the train stage)."""
+    train = r.done["train"]
+    return train.outputs.get("model_digest") or model_digest(str(r.stage_path("train", "model_dir")))
 
 
 def _evaluate_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     # the trained weights themselves: a retrained policy is evaluated again
-    return {"model": model_digest(str(r.stage_path("train", "model_dir"))),
+    return {"model": trained_digest(r),
             "reference": r.done["reference"].key,
             "eval": cfg.eval.model_dump(),
             "sampling": cfg.sampling.model_dump(),
@@ -184,7 +202,7 @@ def _evaluate(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 def _sample_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     prompt_files = expand_paths(cfg.rounds.prompts, "rounds.prompts")
-    return {"policy": model_digest(r.policy_path), "round": r.index,
+    return {"policy": r.policy_key(), "round": r.index,
             "prompts": files_digest(prompt_files) if prompt_files else r.done["prepare"].key,
             "sampling": cfg.sampling.model_dump(),
             "rounds": cfg.rounds.model_dump(include={"mode", "prompts_per_round", "seed"})}
@@ -297,6 +315,7 @@ def run_pipeline(cfg: RunConfig) -> int:
         reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
         r = Round(cfg, run_dir, k, policy, reference, env, sink)
         if rounds:  # prepare ran once, in round 0
+            r.policy_digest = trained_digest(rounds[-1])
             r.done["prepare"] = rounds[0].done["prepare"]
             r.stage_dirs["prepare"] = rounds[0].stage_dirs["prepare"]
         run_stages(r, SAMPLED_ROUND if r.sampled else OFFLINE_ROUND)

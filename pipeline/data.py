@@ -100,6 +100,27 @@ def _response(value: Any, prompt: Messages | None, field: str) -> tuple[str, Mes
     return msgs[-1]["content"], head or None
 
 
+# C0 controls other than tab/newline/carriage return, DEL, and the C1 controls: no text
+# dataset means them; they are binary junk or terminal escape sequences.
+_CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)} | set(range(0x7F, 0xA0))
+
+
+def _plain_text(text: str, field: str) -> None:
+    bad = next((i for i, ch in enumerate(text) if ord(ch) in _CONTROL), None)
+    if bad is not None:
+        raise BadRow("control_characters",
+                     f"{field}: control character U+{ord(text[bad]):04X} at offset {bad}")
+
+
+def _texts(prompt: str | Messages, chosen: str, rejected: str, cfg: DataConfig
+           ) -> list[tuple[str, str]]:
+    """(field, text) of every piece of text a pair holds."""
+    f = cfg.fields
+    out = [(f.prompt, prompt)] if isinstance(prompt, str) else \
+        [(f"{f.prompt}[{i}].content", m["content"]) for i, m in enumerate(prompt)]
+    return out + [(f.chosen, chosen), (f.rejected, rejected)]
+
+
 def _score(row: dict[str, Any], column: str, required: bool) -> float:
     value = row.get(column)
     if value is None:
@@ -155,6 +176,8 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
             raise BadRow("empty_response", f"{col} is empty")
     if texts[0] == texts[1]:
         raise BadRow("chosen_equals_rejected", f"{f.chosen} and {f.rejected} are identical")
+    for field, text in _texts(prompt, texts[0], texts[1], cfg):
+        _plain_text(text, field)
     row_id = row.get(f.id)
     return Pair(prompt, texts[0], texts[1], _score(row, f.chosen_score, requires_scores),
                 _score(row, f.rejected_score, requires_scores),
@@ -196,6 +219,8 @@ def truncate(prompt_ids: list[int], responses: list[list[int]], cfg: DataConfig
 
 def tokenize_pair(pair: Pair, tokenizer: Any, cfg: DataConfig) -> dict[str, Any]:
     """Token ids of the rendered prompt and of each response followed by EOS."""
+    if cfg.special_tokens_in_text == "quarantine":
+        _no_special_tokens(pair, tokenizer, cfg)
     prompt_text = render_prompt(pair.prompt, tokenizer, cfg)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     if not prompt_ids:
@@ -210,6 +235,17 @@ def tokenize_pair(pair: Pair, tokenizer: Any, cfg: DataConfig) -> dict[str, Any]
     return {"id": pair.id, "prompt_text": text, "prompt_ids": prompt_ids, "chosen_ids": responses[0],
             "rejected_ids": responses[1], "chosen_score": pair.chosen_score,
             "rejected_score": pair.rejected_score, "truncated": truncated}
+
+
+def _no_special_tokens(pair: Pair, tokenizer: Any, cfg: DataConfig) -> None:
+    """Text that spells a special token ('<|im_start|>system') would be tokenised as one and
+    inject a turn into the chat template."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    for field, text in _texts(pair.prompt, pair.chosen, pair.rejected, cfg):
+        found = next((t for t in specials if t in text), None)
+        if found is not None:
+            raise BadRow("special_token_in_text", f"{field}: contains the special token {found!r}"
+                         " (data.special_tokens_in_text: allow to keep such rows)")
 
 
 def row_json(row: dict[str, Any]) -> str:

@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MANIFEST = "manifest.json"
 
@@ -61,7 +62,7 @@ class Manifest:
     finished_at: float
 
     @classmethod
-    def read(cls, stage_dir: Path) -> "Manifest | None":
+    def read(cls, stage_dir: Path) -> Manifest | None:
         path = stage_dir / MANIFEST
         if not path.is_file():
             return None

@@ -1,15 +1,17 @@
 """Per-sequence log-probs of response tokens from a HF causal LM.
 
 A pair batch is laid out as one forward over ``[chosen; rejected]`` rows, each row
-``prompt + response`` right-padded. Only response positions go through the LM head, in
-chunks that are recomputed in backward, so full-vocabulary logits never exist for the
-whole batch at once.
+``prompt + response`` right-padded (or packed, see `workers.packing`). Only the hidden
+states that predict a response token go through the LM head, in chunks that are recomputed
+in backward, so full-vocabulary logits never exist for the whole batch at once: the largest
+vocabulary-sized buffers are one chunk's logits (model dtype) and one float32 temporary.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -21,37 +23,45 @@ class PairBatch:
 
     Unpacked (`collate_pairs`): one sequence per row, right-padded, ``attention_mask`` the
     [R, T] padding mask. Packed (`workers.packing.pack_pairs`): several sequences per row,
-    ``position_ids`` restart at 0 for each, and ``attention_mask`` is either a [R, 1, T, T]
-    bool block-diagonal causal mask or None (the model then derives the sequence boundaries
-    from the position ids: flash-attn varlen, FlexAttention). ``order`` gathers the
-    row-major response log-probs into sequence order; ``counts`` are response tokens per
-    sequence.
+    ``position_ids`` restart at 0 for each (at the prompt length for a continuation of a
+    shared prompt), ``sequence_ids``/``branch_ids`` say which document and branch each
+    token belongs to, and ``attention_mask`` is either a [R, 1, T, T] bool mask or None (the
+    model then derives the sequence boundaries from the position ids: flash-attn varlen, or
+    ``flex`` asks for a FlexAttention block mask built on the device, see
+    `workers.packing.model_attention_mask`).
+
+    Which hidden state predicts which response token: either ``response_mask`` (position t
+    predicts token t+1, flattened row-major and put in sequence order by ``order``), or, when
+    set, ``predict_index`` (flat index into the [R*T] hidden states) with ``targets``, both
+    already in sequence order. ``counts`` are response tokens per sequence.
     """
 
     input_ids: torch.Tensor  # [R, T] long
     attention_mask: torch.Tensor | None  # [R, T] long, [R, 1, T, T] bool, or None
-    response_mask: torch.Tensor  # [R, T] bool, True at positions whose next token is a response token
+    response_mask: torch.Tensor  # [R, T] bool, True at positions that predict a response token
     num_pairs: int
     counts: torch.Tensor  # [2B] long: response tokens of each sequence
     real_tokens: int  # non-padding tokens
     position_ids: torch.Tensor | None = None  # [R, T] long
-    order: torch.Tensor | None = None  # [N_response] long, None when rows are already in sequence order
+    order: torch.Tensor | None = None  # [N_response] long, None when already in sequence order
+    sequence_ids: torch.Tensor | None = None  # [R, T] long, document of each token, -1 = padding
+    branch_ids: torch.Tensor | None = None  # [R, T] long, 0 = prompt, 1 = chosen, 2 = rejected
+    predict_index: torch.Tensor | None = None  # [N_response] long, flat hidden-state index
+    targets: torch.Tensor | None = None  # [N_response] long, the predicted response tokens
+    flex: bool = False  # build a FlexAttention block mask from sequence_ids/branch_ids
 
     def to(self, device: torch.device | str) -> PairBatch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return PairBatch(self.input_ids.to(device), move(self.attention_mask),
-                         self.response_mask.to(device), self.num_pairs, self.counts.to(device),
-                         self.real_tokens, move(self.position_ids), move(self.order))
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
     @property
     def padding_fraction(self) -> float:
         return 1.0 - self.real_tokens / self.input_ids.numel()
 
     def per_sequence(self, token_logps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Split flattened response log-probs (row-major, as the model returns them) into
-        the 2B sequences: chosen 0..B-1, then rejected 0..B-1."""
+        """Split response log-probs (as the model returns them) into the 2B sequences:
+        chosen 0..B-1, then rejected 0..B-1."""
         if self.order is not None:
             token_logps = token_logps[self.order]
         return torch.split(token_logps, self.counts.tolist())
@@ -72,54 +82,99 @@ def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequ
     for i, (row, start) in enumerate(zip(rows, starts)):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, : len(row)] = 1
-        # position t predicts token t+1: response token j (at index start+j) is predicted at t=start+j-1
+        # position t predicts token t+1: response token j (index start+j) is predicted at start+j-1
         response_mask[i, start - 1 : len(row) - 1] = True
     return PairBatch(input_ids, attention_mask, response_mask, len(prompt_ids),
                      counts=response_mask[:, :-1].sum(dim=1), real_tokens=int(attention_mask.sum()))
 
 
-def _token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    return torch.gather(logits, -1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+class _TargetLogSoftmax(torch.autograd.Function):
+    """``log_softmax(logits.float())[i, targets[i]]`` without keeping float32 logits.
+
+    Forward keeps the logits in their own dtype and the float32 log-normaliser; backward
+    builds ``grad · (onehot − softmax)`` in one float32 temporary, in place, and returns it
+    in the logits' dtype, exactly what autograd through ``.float()`` + ``log_softmax`` +
+    ``gather`` returns, with a third of the vocabulary-sized buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(-1, targets[:, None])[:, 0].float() - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        g = logits.to(torch.float32, copy=True).sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+        g.scatter_add_(-1, targets[:, None], grad[:, None])
+        return g.to(logits.dtype), None
 
 
-def _model_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    return _TargetLogSoftmax.apply(lm_head(hidden), targets)
+
+
+def token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                chunk_size: int = 4096) -> torch.Tensor:
+    """``log p(targets[i] | hidden[i])`` in float32: hidden [N, H], targets [N] → [N].
+
+    The LM head runs on `chunk_size` rows at a time; under autograd each chunk is
+    checkpointed (its logits are recomputed in backward) and the head is called as a module,
+    so ZeRO-3's parameter gathering hooks fire in forward and in the recomputation alike.
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(lm_head, h, t))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _model_mask(attention_mask: Any, dtype: torch.dtype) -> Any:
     """A 4-D bool block mask (True = attend) becomes the additive float mask every HF
-    attention implementation that takes a 4-D mask understands (eager adds it, SDPA too)."""
-    if attention_mask is None or attention_mask.ndim != 4 or attention_mask.dtype != torch.bool:
+    attention implementation that takes a 4-D mask understands (eager adds it, SDPA too).
+    Anything else (2-D padding mask, None, a FlexAttention BlockMask) passes as is."""
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4
+            and attention_mask.dtype == torch.bool):
         return attention_mask
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
     return torch.where(attention_mask, zero, torch.finfo(dtype).min)
 
 
 def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor | None, response_mask: torch.Tensor,
-                         position_ids: torch.Tensor | None = None,
-                         chunk_size: int = 4096) -> torch.Tensor:
-    """Log-probs of every response token, flattened in row-major order: shape [N_response]."""
+                         attention_mask: Any, response_mask: torch.Tensor,
+                         position_ids: torch.Tensor | None = None, chunk_size: int = 4096,
+                         predict_index: torch.Tensor | None = None,
+                         targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs of every response token: shape [N_response], float32.
+
+    Without `predict_index` the order is row-major over `response_mask`; with it (and
+    `targets`), the order of `predict_index`."""
     backbone = getattr(model, model.base_model_prefix)
     mask = _model_mask(attention_mask, model.get_input_embeddings().weight.dtype)
     # no KV cache: with one, transformers would not detect packed sequences from position ids
     hidden = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state
-    targets = input_ids[:, 1:][response_mask[:, :-1]]
-    selected = hidden[:, :-1][response_mask[:, :-1]]
-    lm_head = model.get_output_embeddings()
-    pieces = []
-    for start in range(0, selected.shape[0], chunk_size):
-        h, t = selected[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logps, lm_head, h, t, use_reentrant=False))
-        else:
-            pieces.append(_token_logps(lm_head, h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if predict_index is None:
+        targets = input_ids[:, 1:][response_mask[:, :-1]]
+        selected = hidden[:, :-1][response_mask[:, :-1]]
+    else:
+        selected = hidden.flatten(0, 1)[predict_index]
+    return token_logps(model.get_output_embeddings(), selected, targets, chunk_size)
 
 
-def sequence_logps(model: torch.nn.Module, batch: PairBatch,
-                   chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and response token counts per sequence: ([2B] float32, [2B] long)."""
-    token_logps = response_token_logps(model, batch.input_ids, batch.attention_mask,
-                                       batch.response_mask, batch.position_ids, chunk_size)
+def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int = 4096,
+                   attention_mask: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts per sequence: ([2B] float32, [2B] long).
+    `attention_mask` overrides the batch's (e.g. a FlexAttention BlockMask)."""
+    mask = batch.attention_mask if attention_mask is None else attention_mask
+    token_logps = response_token_logps(model, batch.input_ids, mask, batch.response_mask,
+                                       batch.position_ids, chunk_size, batch.predict_index,
+                                       batch.targets)
     sums = torch.stack([t.sum() for t in batch.per_sequence(token_logps)])
     return sums, batch.counts
 
@@ -130,7 +185,7 @@ class ResponseLogps(torch.nn.Module):
     DeepSpeed wraps this module (not the bare LM), so its engine's forward/backward
     bookkeeping sees the whole log-prob computation. The LM stays at ``.lm``. Packed and
     unpacked batches take the same call: ``attention_mask`` is the 2-D padding mask, a
-    4-D block mask, or None with per-sequence ``position_ids``.
+    4-D block mask, a FlexAttention BlockMask, or None with per-sequence ``position_ids``.
     """
 
     def __init__(self, lm: torch.nn.Module, chunk_size: int = 4096):
@@ -138,7 +193,9 @@ class ResponseLogps(torch.nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                response_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Any,
+                response_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                predict_index: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         return response_token_logps(self.lm, input_ids, attention_mask, response_mask,
-                                    position_ids, self.chunk_size)
+                                    position_ids, self.chunk_size, predict_index, targets)

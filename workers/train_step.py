@@ -15,8 +15,7 @@ import torch
 
 from workers.logprobs import PairBatch, collate_pairs
 from workers.losses import LossOutput, PairLogps, compute_loss
-from workers.packing import PackedAttention, pack_pairs
-
+from workers.packing import PackedAttention, model_attention_mask, pack_pairs
 
 # Dataset column → PairLogps field, for the per-pair values the trainer does not compute.
 DATASET_FIELDS = {
@@ -46,14 +45,31 @@ def _column(rows: Mapping[str, Any], name: str) -> torch.Tensor | None:
 
 
 def rows_to_pairs(rows: Mapping[str, Any], pad_id: int,
-                  packing: PackedAttention | None = None) -> PairRows:
+                  packing: PackedAttention | None = None, share_prompt: bool = False,
+                  row_tokens: int | None = None) -> PairRows:
     """Build tensors from a dict of columns (numpy batch from Ray Data, or plain lists);
-    `packing` packs the pairs' sequences into shared rows (see `workers.packing`)."""
+    `packing` packs the pairs' sequences into shared rows of up to `row_tokens`, and
+    `share_prompt` computes each prompt once (see `workers.packing`)."""
     columns = (rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])
+    if share_prompt and packing is None:
+        raise ValueError("share_prompt needs packing ('mask' or 'flex')")
     batch = (collate_pairs(*columns, pad_id) if packing is None
-             else pack_pairs(*columns, pad_id, attention=packing))
+             else pack_pairs(*columns, pad_id, attention=packing, row_tokens=row_tokens,
+                             share_prompt=share_prompt))
     given = {field: _column(rows, col) for col, field in DATASET_FIELDS.items()}
     return PairRows(batch=batch, given={k: v for k, v in given.items() if v is not None})
+
+
+def sequence_sums(token_logps: torch.Tensor, counts: torch.Tensor,
+                  limit: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence sums of token log-probs in sequence order ([N] → [S]), over each
+    sequence's first `limit[s]` tokens when given; no host synchronisation."""
+    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                  output_size=token_logps.shape[0])
+    if limit is not None:
+        rank = torch.arange(seq.numel(), device=seq.device) - (counts.cumsum(0) - counts)[seq]
+        token_logps = token_logps * (rank < limit[seq])
+    return token_logps.new_zeros(counts.numel()).index_add(0, seq, token_logps)
 
 
 def policy_pair_logps(module: torch.nn.Module, pairs: PairRows) -> PairLogps:
@@ -63,20 +79,22 @@ def policy_pair_logps(module: torch.nn.Module, pairs: PairRows) -> PairLogps:
     `module` is a `workers.logprobs.ResponseLogps` or the DeepSpeed engine wrapping one.
     """
     batch = pairs.batch
-    token_logps = module(batch.input_ids, batch.attention_mask, batch.response_mask,
-                         batch.position_ids)
-    counts = batch.counts
-    per_row = batch.per_sequence(token_logps)
+    token_logps = module(batch.input_ids, model_attention_mask(batch), batch.response_mask,
+                         batch.position_ids, batch.predict_index, batch.targets)
+    if batch.order is not None:
+        token_logps = token_logps[batch.order]
+    counts = batch.counts.to(token_logps.device)
     n = batch.num_pairs
     lengths = counts.to(torch.float32)
-    prefix = torch.minimum(counts[:n], counts[n:])
-    sums = torch.stack([t.sum() for t in per_row])
-    prefix_sums = torch.stack([per_row[i][: int(prefix[i % n])].sum() for i in range(2 * n)])
+    sums = sequence_sums(token_logps, counts)
+    prefix_sums = sequence_sums(token_logps, counts,
+                                torch.minimum(counts[:n], counts[n:]).repeat(2))
+    given = {k: v.to(token_logps.device) for k, v in pairs.given.items()}
     return PairLogps(
         policy_chosen=sums[:n], policy_rejected=sums[n:],
         chosen_len=lengths[:n], rejected_len=lengths[n:],
         policy_chosen_prefix=prefix_sums[:n], policy_rejected_prefix=prefix_sums[n:],
-        **pairs.given,
+        **given,
     )
 
 

@@ -6,18 +6,26 @@ Runs inside each Ray Train worker. Everything it needs arrives in one plain dict
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from workers.logprobs import ResponseLogps
+from workers.nonfinite import NonFiniteGuard, all_ranks, local_weights_finite
 from workers.packing import attention_mode
 from workers.train_step import pair_loss, rows_to_pairs
+
+DS_TAG = "deepspeed"  # the DeepSpeed checkpoint tag inside a Ray Train checkpoint
+EXPORT_MARKER = "rayalign_export.json"  # marks the final HF export among the checkpoints
+STOP_MARKER = "rayalign_stopped.json"  # marks a run stopped on NaN/inf (holds the batch ids)
 
 
 @dataclass
@@ -42,7 +50,11 @@ class TrainLoopConfig:
     gradient_checkpointing: bool
     packing: bool = False  # pack pairs into shared rows (workers.packing)
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # else safetensors only
     logprob_chunk_size: int = 4096
+    checkpoint_every: int = 0  # optimizer steps between resumable DeepSpeed checkpoints
+    on_nonfinite: str = "skip"  # 'skip' | 'stop' (see workers.nonfinite)
+    max_nonfinite: int = 10
     metrics_sink: Any = None  # a MetricsSink actor handle, or None
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -95,7 +107,7 @@ def _load_policy(cfg: TrainLoopConfig, ds_config: dict[str, Any]):
         keep_alive = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.policy_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True)
+        use_safetensors=None if cfg.allow_pickle_weights else True)
     for module in model.modules():  # preference training disables dropout (as TRL does)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -117,10 +129,38 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def batch_digest(ids) -> str:
+    """A short digest of a global batch's pair ids, in order (to check data order on resume)."""
+    return hashlib.blake2b("\n".join(str(i) for i in ids).encode(), digest_size=8).hexdigest()
+
+
+def global_micro_batches(shard, rows_per_batch: int, epochs: int, start: int):
+    """(cursor, epoch, rows) for each global micro-batch from number `start` on.
+
+    Every worker reads the whole ordered dataset and keeps its slice of each global
+    micro-batch, so which pairs form optimizer step k does not depend on the number of
+    workers or on scheduling, and a restarted group skips exactly what was consumed."""
+    cursor = 0
+    for epoch in range(epochs):
+        for rows in shard.iter_batches(batch_size=rows_per_batch, batch_format="numpy",
+                                       drop_last=True):
+            if cursor >= start:
+                yield cursor, epoch, rows
+            cursor += 1
+
+
+@dataclass
+class LoopState:
+    """What a DeepSpeed checkpoint carries besides weights, optimizer and scheduler."""
+
+    step: int = 0          # optimizer steps done
+    cursor: int = 0        # global micro-batches consumed (skipped ones included)
+    skipped: int = 0       # micro-batches dropped for a non-finite loss or gradient
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
     from transformers import AutoTokenizer
 
     sink = config.pop("metrics_sink", None)
@@ -130,6 +170,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
 
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and _report_final(checkpoint, rank):
+        return  # an earlier attempt finished (or stopped); its outcome stands
     ds_config = deepspeed_config(cfg)
     model, _keep_alive = _load_policy(cfg, ds_config)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path,
@@ -140,55 +183,135 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.optimizer_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=ResponseLogps(model, cfg.logprob_chunk_size), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        dist_init_required=False)
+        model=ResponseLogps(model, cfg.logprob_chunk_size), optimizer=optimizer,
+        lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     device = engine.device
+    state = _restore(engine, checkpoint) if checkpoint is not None else LoopState()
+    resumed_from = state.step
+    guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, skipped=state.skipped)
 
     packing = attention_mode(model) if cfg.packing else None
     shard = ray.train.get_dataset_shard("train")
-    step, micro, t_step = 0, 0, time.perf_counter()
-    acc: dict[str, float] = {}
-    tokens = 0
-    for epoch in range(cfg.epochs):
-        for rows in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy",
-                                       drop_last=True):
-            if step >= cfg.optimizer_steps:
-                break
-            pairs = rows_to_pairs(rows, pad_id, packing)
-            pairs.batch = pairs.batch.to(device)
-            loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params)
-            engine.backward(loss)
-            engine.step()
-            micro += 1
-            tokens += pairs.batch.real_tokens
-            for k, v in {"loss": float(loss.detach()), **out.metrics}.items():
-                acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum_steps
-            if micro % cfg.grad_accum_steps:
-                continue
-            step += 1
-            elapsed = time.perf_counter() - t_step
-            acc.update({"tokens_per_s": tokens / elapsed,
-                        "pairs_per_s": cfg.micro_batch_size * cfg.grad_accum_steps / elapsed})
-            metrics = _mean_across_ranks(acc)
-            metrics["tokens_per_s"] *= world  # throughput of the whole group
-            metrics["pairs_per_s"] *= world
-            grad_norm = engine.get_global_grad_norm()
-            metrics.update({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")})
-            if rank == 0 and sink is not None:
-                sink.log.remote("train", metrics)
+    mb = cfg.micro_batch_size
+    micro, t_step, tokens, acc, step_ids = 0, time.perf_counter(), 0, {}, []
+    for cursor, epoch, rows in global_micro_batches(shard, mb * world, cfg.epochs, state.cursor):
+        if state.step >= cfg.optimizer_steps or guard.stop_reason:
+            break
+        state.cursor = cursor + 1
+        ids = [str(i) for i in rows["id"]]
+        mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()}
+        pairs = rows_to_pairs(mine, pad_id, packing)
+        pairs.batch = pairs.batch.to(device)
+        loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params)
+        if not all_ranks(bool(torch.isfinite(loss.detach())), device):
+            guard.record("loss", state.step + 1, ids)
+            continue  # no backward, no step: the next micro-batch takes this one's place
+        engine.backward(loss)
+        engine.step()
+        micro += 1
+        step_ids += ids
+        tokens += pairs.batch.real_tokens
+        for k, v in {"loss": float(loss.detach()), **out.metrics}.items():
+            acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum_steps
+        if micro % cfg.grad_accum_steps:
+            continue
+        state.step += 1
+        if getattr(engine.optimizer, "overflow", False):  # DeepSpeed skipped a NaN/inf update
+            guard.record("gradient", state.step, step_ids)
+        elapsed = time.perf_counter() - t_step
+        acc.update({"tokens_per_s": tokens / elapsed,
+                    "pairs_per_s": mb * cfg.grad_accum_steps / elapsed})
+        metrics = _mean_across_ranks(acc)
+        metrics["tokens_per_s"] *= world  # throughput of the whole group
+        metrics["pairs_per_s"] *= world
+        grad_norm = engine.get_global_grad_norm()
+        state.skipped = guard.skipped
+        metrics.update({"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "nonfinite_skipped": guard.skipped, "resumed_from": resumed_from,
+                        "batch_digest": batch_digest(step_ids)})
+        if rank == 0 and sink is not None:
+            sink.log.remote("train", metrics)
+        if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+                and state.step < cfg.optimizer_steps and not guard.stop_reason):
+            _save_checkpoint(engine, state, metrics, guard, device)
+        else:
             ray.train.report(metrics)
-            acc, tokens, t_step = {}, 0, time.perf_counter()
-    if step < cfg.optimizer_steps:
-        raise RuntimeError(f"rank {rank}: data ran out after {step} of {cfg.optimizer_steps}"
-                           " optimizer steps; shards are unequal")
-    _export_hf(engine, tokenizer, cfg, rank, {"step": step}, Checkpoint)
+        acc, tokens, step_ids, t_step = {}, 0, [], time.perf_counter()
+    if not guard.stop_reason and not all_ranks(local_weights_finite(engine.module), device):
+        guard.record("weights", state.step, [])
+    if guard.stop_reason:  # a clean stop, not an error: Ray Train must not retry it
+        _report_marker(STOP_MARKER, {"stopped": guard.stop_reason, "step": state.step,
+                                     "nonfinite_events": guard.events}, rank, "stopped")
+        return
+    _export_hf(engine, tokenizer, cfg, rank, {"step": state.step,
+                                              "nonfinite_skipped": guard.skipped,
+                                              "data_exhausted": state.step < cfg.optimizer_steps})
 
 
-def _export_hf(engine, tokenizer, cfg: TrainLoopConfig, rank: int, metrics: dict[str, Any],
-               checkpoint_cls) -> None:
+def _save_checkpoint(engine, state: LoopState, metrics: dict[str, Any], guard: NonFiniteGuard,
+                     device) -> None:
+    """A DeepSpeed checkpoint (each rank its own partition files, merged by Ray Train into
+    one directory) that a restarted worker group resumes from. Never one with NaN weights."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if not all_ranks(local_weights_finite(engine.module), device):
+        guard.record("weights", state.step, [])
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"loop_state": asdict(state)})
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint-step-{state.step:07d}")
+
+
+def _restore(engine, checkpoint) -> LoopState:
+    with checkpoint.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag=DS_TAG)
+    if client is None:
+        raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint.path}")
+    return LoopState(**client["loop_state"])
+
+
+def _report_final(checkpoint, rank: int) -> bool:
+    """If the latest checkpoint is a final one (the HF export, or a stop on NaN/inf),
+    report it again and say so: a restarted group must not train past it."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with checkpoint.as_directory() as d:
+        marker = next((Path(d) / m for m in (EXPORT_MARKER, STOP_MARKER)
+                       if (Path(d) / m).is_file()), None)
+        if marker is None:
+            return False
+        metrics = json.loads(marker.read_text())
+        if rank == 0:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+    return True
+
+
+def _report_marker(name: str, metrics: dict[str, Any], rank: int, dir_name: str) -> None:
+    """Report a checkpoint holding only a marker file (Ray Train returns the metrics of the
+    latest checkpoint to the driver, not of the latest report)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=dir_name)
+
+
+def _export_hf(engine, tokenizer, cfg: TrainLoopConfig, rank: int, metrics: dict[str, Any]) -> None:
     """Gather ZeRO-3 shards into one state dict and save a HF safetensors checkpoint."""
     import ray.train
+    from ray.train import Checkpoint
 
     if cfg.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
@@ -202,4 +325,6 @@ def _export_hf(engine, tokenizer, cfg: TrainLoopConfig, rank: int, metrics: dict
     with tempfile.TemporaryDirectory() as tmp:
         engine.module.lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint_cls.from_directory(tmp))
+        (Path(tmp) / EXPORT_MARKER).write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name="export")

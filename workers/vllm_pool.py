@@ -7,7 +7,8 @@ the actors alive across batches and restarts one that dies.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -24,10 +25,13 @@ class Engine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("kv_cache_space_gib", 1)))
         from vllm import LLM
 
-        kwargs = dict(model=model_path, tokenizer=model_path, dtype=engine.get("dtype", "auto"),
-                      enforce_eager=engine.get("enforce_eager", True), seed=seed,
-                      trust_remote_code=trust_remote_code,
-                      tensor_parallel_size=engine.get("tensor_parallel_size", 1))
+        # safetensors only: pipeline.config refuses another load_format unless the config
+        # sets model.allow_pickle_weights
+        kwargs = {"model": model_path, "tokenizer": model_path, "dtype": engine.get("dtype", "auto"),
+                      "load_format": "safetensors",
+                      "enforce_eager": engine.get("enforce_eager", True), "seed": seed,
+                      "trust_remote_code": trust_remote_code,
+                      "tensor_parallel_size": engine.get("tensor_parallel_size", 1)}
         if engine.get("max_model_len"):
             kwargs["max_model_len"] = engine["max_model_len"]
         if _has_gpu():

@@ -70,8 +70,8 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     p_ids = [r[0] for r in prompt_rows]
     p_text = [r[1] for r in prompt_rows]
     s = cfg.sampling
-    sample_kw = dict(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                     seed=s.seed)
+    sample_kw = {"n": 1, "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+                     "seed": s.seed}
     size = cfg.sampling.batch_size
     trc = cfg.model.trust_remote_code
 

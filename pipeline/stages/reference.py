@@ -33,8 +33,10 @@ def pool_map_args(pool: PoolConfig) -> dict[str, Any]:
 
 
 def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolConfig,
-                      trust_remote_code: bool, out_dir: Path) -> dict[str, int]:
-    """For each split's pairs.parquet write out_dir/<split>/ (parquet) with ref columns."""
+                      trust_remote_code: bool, out_dir: Path, udf: type | None = None) -> dict[str, int]:
+    """For each split's pairs.parquet write out_dir/<split>/ (parquet) with ref columns.
+
+    `udf` replaces the engine actor class (default `workers.vllm_pool.PairLogprobs`)."""
     import ray
 
     from workers.vllm_pool import PairLogprobs
@@ -43,7 +45,7 @@ def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolCo
         "split", lambda b, s=name: pa.array([s] * len(b)), batch_format="pyarrow")
         for name, path in splits.items()]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
-    ds = ds.map_batches(PairLogprobs, fn_constructor_args=(reference_path, pool.engine.model_dump(),
+    ds = ds.map_batches(udf or PairLogprobs, fn_constructor_args=(reference_path, pool.engine.model_dump(),
                                                            trust_remote_code, "ref"),
                         batch_format="pyarrow", **pool_map_args(pool)).materialize()
     rows = {}

@@ -57,7 +57,9 @@ def round_prompts(pool: list[dict[str, Any]], cfg: RunConfig, round_index: int) 
 
 
 def run_sample(prompts: list[dict[str, Any]], policy_path: str, cfg: RunConfig, seed: int,
-               out_dir: Path) -> int:
+               out_dir: Path, udf: type | None = None) -> int:
+    """n samples per prompt into out_dir/samples/ (parquet); `udf` replaces the engine actor
+    class (default `workers.vllm_pool.Sampler`)."""
     import ray
 
     from pipeline.stages.reference import pool_map_args
@@ -68,7 +70,7 @@ def run_sample(prompts: list[dict[str, Any]], policy_path: str, cfg: RunConfig, 
                 "max_tokens": s.max_tokens, "seed": seed}
     table = pa.Table.from_pylist(prompts)
     ds = ray.data.from_arrow(table).map_batches(
-        Sampler, fn_constructor_args=(policy_path, s.engine.model_dump(), sampling,
+        udf or Sampler, fn_constructor_args=(policy_path, s.engine.model_dump(), sampling,
                                       cfg.model.trust_remote_code),
         batch_format="pyarrow", **pool_map_args(s))
     ds.write_parquet(str(out_dir / "samples"))

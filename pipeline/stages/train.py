@@ -7,6 +7,7 @@ Each worker reads its shard of the pairs (with reference log-probs) through
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,23 +37,41 @@ def optimizer_steps(num_pairs: int, cfg: RunConfig) -> int:
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
+ROWS_PER_SORT_BLOCK = 100_000
+
+
+class NonFiniteStop(RuntimeError):
+    """Training stopped on a NaN/inf (train.on_nonfinite); the offending ids are saved."""
+
+
+def ordered_pairs(data_dir: Path, seed: int, shuffle: bool):
+    """The training pairs in training order, materialised (every worker reads it whole)."""
+    import ray
+
+    ds = ray.data.read_parquet(str(data_dir))
+    # a known block count keeps the sort from fanning out to 200 partitions on small data
+    ds = ds.repartition(max(1, -(-ds.count() // ROWS_PER_SORT_BLOCK)))
+    ds = ds.add_column("order_key", lambda b: order_key(b, seed, shuffle), batch_format="pyarrow")
+    return ds.sort("order_key").drop_columns(["order_key"]).materialize()
+
+
 def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
               storage_dir: Path, env: dict[str, str], metrics_sink: Any = None,
-              shuffle: bool = True) -> dict[str, Any]:
+              shuffle: bool = True, run_name: str = "train") -> dict[str, Any]:
     """Train on `data_dir` (parquet with ref columns); write the HF model to out_dir/model.
 
-    shuffle=False keeps a curriculum instead: pairs in decreasing reward gap (Curry-DPO)."""
-    import ray
+    shuffle=False keeps a curriculum instead: pairs in decreasing reward gap (Curry-DPO).
+    `run_name` names Ray Train's run under storage_dir: a run started again under the same
+    name (a crashed driver, resumed) continues from its last checkpoint, so the name must
+    change whenever the inputs do."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.trainer import TrainLoopConfig, train_loop_per_worker
+    from workers.trainer import EXPORT_MARKER, TrainLoopConfig, train_loop_per_worker
 
     t = cfg.train
-    ds = ray.data.read_parquet(str(data_dir))
-    ds = ds.add_column("order_key", lambda b: order_key(b, t.seed, shuffle), batch_format="pyarrow")
-    ds = ds.sort("order_key").drop_columns(["order_key"])
+    ds = ordered_pairs(data_dir, t.seed, shuffle)
     num_pairs = ds.count()
     steps = optimizer_steps(num_pairs, cfg)
     if metrics_sink is not None:  # for the dashboard: stage progress and h = margin / β
@@ -64,11 +83,14 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
         zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size,
         grad_accum_steps=t.grad_accum_steps, optimizer_steps=steps, epochs=t.epochs,
         learning_rate=t.learning_rate, lr_schedule=t.lr_schedule,
-        warmup_steps=int(round(t.warmup_ratio * steps)), grad_clip=t.grad_clip,
+        warmup_steps=round(t.warmup_ratio * steps), grad_clip=t.grad_clip,
         weight_decay=t.weight_decay, adam_betas=t.adam_betas, seed=t.seed,
         bf16=(t.precision == "bf16") or (t.precision == "auto" and use_gpu),
         gradient_checkpointing=t.gradient_checkpointing, packing=t.packing,
-        trust_remote_code=cfg.model.trust_remote_code, metrics_sink=metrics_sink, extra_env=env)
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle_weights=cfg.model.allow_pickle_weights, metrics_sink=metrics_sink, extra_env=env,
+        checkpoint_every=t.checkpoint_every, on_nonfinite=t.on_nonfinite,
+        max_nonfinite=t.max_nonfinite)
     resources = {"CPU": t.cpus_per_worker, **t.resources}
     if use_gpu:
         resources["GPU"] = t.gpus_per_worker
@@ -80,18 +102,30 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
                                      placement_strategy=t.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": ds},
-        run_config=RayRunConfig(name="train", storage_path=str(storage_dir.resolve())),
+        dataset_config=DataConfig(datasets_to_split=[]),  # see workers.trainer.global_micro_batches
+        run_config=RayRunConfig(
+            name=run_name, storage_path=str(storage_dir.resolve()),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
+    stopped = (result.metrics or {}).get("stopped")
+    if stopped:
+        report = storage_dir / f"{run_name}-nonfinite.json"
+        report.write_text(json.dumps(result.metrics, indent=2, default=str))
+        raise NonFiniteStop(f"training stopped: {stopped}; the offending batches' pair ids"
+                            f" are in {report}")
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     model_dir = out_dir / "model"
     result.checkpoint.to_directory(str(model_dir))
-    for leftover in ("checkpoint_", ".metadata"):  # Ray's bookkeeping, not part of the model
+    for leftover in ("checkpoint_", ".metadata", EXPORT_MARKER):  # bookkeeping, not the model
         for p in model_dir.glob(leftover + "*"):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(storage_dir / run_name, ignore_errors=True)  # resumable state, no longer needed
+    final = result.metrics or {}
     return {"model_dir": "model", "num_pairs": num_pairs, "optimizer_steps": steps,
-            "final_metrics": {k: v for k, v in (result.metrics or {}).items()
-                              if isinstance(v, (int, float))}}
+            "steps_done": final.get("step"), "nonfinite_skipped": final.get("nonfinite_skipped", 0),
+            "final_metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))}}

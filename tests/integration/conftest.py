@@ -56,3 +56,15 @@ def make_config(toy_world):
         return parse_config(raw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def prepared_pairs(ray_cluster, make_config, tmp_path_factory):
+    """The quick toy world's training pairs through the prepare stage: a parquet directory."""
+    from pipeline.stages.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = make_config(root / "unused")
+    run_prepare(cfg.data.train, cfg.model.tokenizer_path, cfg.data, root, False)
+    return root / "pairs.parquet"
+

@@ -31,7 +31,7 @@ def manifest(run_dir, stage):
 
 
 def test_round_writes_every_stage(round_run):
-    cfg, run_dir = round_run
+    _cfg, run_dir = round_run
     for stage in ("prepare", "reference", "train", "evaluate"):
         m = manifest(run_dir, stage)
         assert m["stage"] == stage and m["key"]
@@ -122,7 +122,7 @@ def test_zero3_two_workers_match_one(round_run, make_config, tmp_path):
     from pipeline.stages.train import run_train
     from workers.metrics_sink import MetricsSink
 
-    cfg, run_dir = round_run
+    _cfg, run_dir = round_run
     ref_train = manifest(run_dir, "reference")["outputs"]["train"]
     subset = tmp_path / "subset"
     subset.mkdir()

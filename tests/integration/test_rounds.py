@@ -1,27 +1,72 @@
 """Two rounds on the toy world: an offline round, then an online round that samples the
-round-0 policy with vLLM, scores with the gold reward, pairs and trains; resume mid-round."""
+round-0 policy with vLLM, scores with the gold reward, pairs and trains; the driver is
+killed in the middle of round 1 and the run resumed."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def two_rounds(ray_cluster, make_config, tmp_path_factory):
-    from pipeline.dag import run_pipeline
+    """Two rounds whose driver is killed (SIGKILL) during round 1's training, then resumed
+    with `rayalign resume`: (config, run_dir, the resume's console output, stage manifests
+    as they were when the driver died)."""
+    import ray
+
+    from pipeline.dag import console, resume_pipeline
 
     run_dir = tmp_path_factory.mktemp("rounds") / "run"
     cfg = make_config(run_dir, rounds={"count": 2, "mode": "online", "prompts_per_round": 16,
                                        "pair_rule": "best_vs_worst", "min_margin": 0.01},
                       sampling={"n": 4}, eval={"num_prompts": 8},
-                      train={"num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4})
-    assert run_pipeline(cfg) == 0
-    return cfg, run_dir
+                      train={"num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4,
+                             "checkpoint_every": 2})
+    config = run_dir.parent / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    address = ray.get_runtime_context().gcs_address
+    with open(run_dir.parent / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config),
+                                   "--ray-address", address], stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        killed = wait_then_kill(driver, run_dir / "round-1" / "train.tmp", timeout=1200)
+    assert killed, f"the driver ended before round 1 trained: see {run_dir.parent / 'driver.log'}"
+    at_kill = {(k, s): manifest(run_dir, k, s) for k in (0, 1) for s in STAGES[k]
+               if (run_dir / f"round-{k}" / s / "manifest.json").exists()}
+    with console.capture() as captured:
+        assert resume_pipeline(run_dir) == 0
+    return cfg, run_dir, captured.get(), at_kill
+
+
+STAGES = {0: ("prepare", "reference", "train", "evaluate"),
+          1: ("sample", "score", "pair", "reference", "train", "evaluate")}
+
+
+def wait_then_kill(driver: subprocess.Popen, started: Path, timeout: float) -> bool:
+    """SIGKILL the driver's process group a few seconds after `started` appears."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        if started.exists():
+            time.sleep(5)  # inside the stage: Ray Train is starting or stepping
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+            return True
+        time.sleep(0.5)
+    if driver.poll() is None:
+        os.killpg(driver.pid, signal.SIGKILL)
+    return False
 
 
 def manifest(run_dir, k, stage):
@@ -31,7 +76,7 @@ def manifest(run_dir, k, stage):
 def test_round_1_samples_the_round_0_policy(two_rounds):
     from pipeline.manifest import model_digest
 
-    _, run_dir = two_rounds
+    run_dir = two_rounds[1]
     trained = run_dir / "round-0" / "train" / "model"
     sample = manifest(run_dir, 1, "sample")
     assert sample["outputs"]["policy_path"] == str(trained)
@@ -49,7 +94,7 @@ def test_round_1_samples_the_round_0_policy(two_rounds):
 
 
 def test_metrics_across_rounds(two_rounds):
-    _, run_dir = two_rounds
+    run_dir = two_rounds[1]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["round"] for r in evals] == [0, 1]
@@ -58,23 +103,19 @@ def test_metrics_across_rounds(two_rounds):
     assert (run_dir / "plots" / "eval.png").is_file()
 
 
-def test_resume_in_the_middle_of_round_2(two_rounds, capsys):
-    from pipeline.dag import resume_pipeline
-
-    _, run_dir = two_rounds
-    before = {s: manifest(run_dir, 1, s)["finished_at"] for s in ("sample", "score", "pair", "reference")}
-    # a crash during round 1's training: its manifest (written last) never appeared, and
-    # evaluate, which comes after it, never ran
-    import shutil
-
-    (run_dir / "round-1" / "train" / "manifest.json").unlink()
-    shutil.rmtree(run_dir / "round-1" / "evaluate")
-    assert resume_pipeline(run_dir) == 0
-    out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 4 + 4  # round 0: 4 stages; round 1: 4 before train
+def test_killed_driver_resumes_from_the_last_finished_stage(two_rounds):
+    _, run_dir, out, at_kill = two_rounds
+    finished = {(k, s) for k in (0, 1) for s in STAGES[k][:4]}  # round 1: up to reference
+    assert finished <= set(at_kill)
+    assert (1, "train") not in at_kill  # the killed stage was never taken as done
+    assert out.count("up to date, skipped") == 8
     assert "[round 1] train ..." in out and "[round 1] evaluate ..." in out
-    assert {s: manifest(run_dir, 1, s)["finished_at"] for s in before} == before
+    for k, s in finished:  # not redone
+        assert manifest(run_dir, k, s)["finished_at"] == at_kill[(k, s)]["finished_at"]
     assert manifest(run_dir, 1, "train")["outputs"]["optimizer_steps"] >= 1
+    leftovers = [p for p in run_dir.rglob("*") if p.name.endswith(".tmp") or ".old-" in p.name]
+    assert not leftovers, leftovers
+    assert not list((run_dir / "ray_train").glob("*/train-*")), "resumable train state left behind"
 
 
 def test_sampling_is_reproducible_with_a_seed(ray_cluster, toy_world):
@@ -88,6 +129,6 @@ def test_sampling_is_reproducible_with_a_seed(ray_cluster, toy_world):
     kw = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 16}
     a, b, c = ray.get([engine.sample.remote(prompts, seed=s, **kw) for s in (7, 7, 8)])
     ray.kill(engine)
-    ids = lambda out: [[sample[0] for sample in per_prompt] for per_prompt in out]  # noqa: E731
+    ids = lambda out: [[sample[0] for sample in per_prompt] for per_prompt in out]
     assert ids(a) == ids(b)
     assert ids(a) != ids(c)

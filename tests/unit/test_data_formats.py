@@ -14,13 +14,11 @@ from rich.console import Console
 from pipeline.config import ConfigError, DataConfig, FieldMap, LossConfig
 from pipeline.data import loss_requires_scores, normalize_row, tokenize_pair
 from pipeline.stages.prepare import (
-    PrepareUnit,
     report_tables,
     row_group_units,
     run_prepare,
     table_rows,
 )
-from pipeline.toy.build import train_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 FORMATS = DATA / "formats"
@@ -33,26 +31,6 @@ GOOD = ["strings", "scored", "trl_chat", "trl_implicit", "ultrafeedback", "messa
 
 def data_cfg(name: str = "", **kw) -> DataConfig:
     return DataConfig(train=["x"], fields=FieldMap(**make_formats.FIELDS.get(name, {})), **kw)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    corpus = [w for p in make_formats.PAIRS for w in p] * 30
-    tok = train_tokenizer(corpus, vocab_size=300, max_length=256)
-    path = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(path)
-    return path
-
-
-def run_unit(tok_dir: Path, path: str, cfg: DataConfig, requires_scores: bool, out: Path):
-    """Every row group of `path` through PrepareUnit; (quarantined rows, written pairs)."""
-    out.mkdir(parents=True, exist_ok=True)
-    unit = PrepareUnit(str(tok_dir), cfg.model_dump(), False, requires_scores, str(out))
-    summaries = [unit.unit(**{k: u[k] for k in ("part", "path", "row_group", "start", "length",
-                                                  "first_row")})
-                 for u in row_group_units([path], rows_per_part=3)]
-    quarantined = [q for s in summaries for q in s["quarantine"]]
-    return quarantined, pq.read_table(out).to_pylist(), summaries
 
 
 def test_committed_files_match_the_generator(tmp_path):
@@ -87,7 +65,7 @@ def test_each_format_gives_the_same_pairs(name, tok_dir):
 
 
 @pytest.mark.parametrize("name", ["bad_strings", "bad_chat", "wrong_types"])
-def test_bad_rows_exact_reasons(name, tok_dir, tmp_path):
+def test_bad_rows_exact_reasons(name, tok_dir, tmp_path, run_unit):
     path = str(FORMATS / f"{name}.parquet")
     expect = pq.read_table(path, columns=["expect"]).column("expect").to_pylist()
     cfg = data_cfg(truncation="drop", max_prompt_tokens=48, chat_template="always")
@@ -98,7 +76,7 @@ def test_bad_rows_exact_reasons(name, tok_dir, tmp_path):
     assert all(q["source_file"] == path and q["detail"] and q["row_json"] for q in quarantined)
 
 
-def test_scores_required_only_when_the_loss_needs_them(tok_dir, tmp_path):
+def test_scores_required_only_when_the_loss_needs_them(tok_dir, tmp_path, run_unit):
     assert loss_requires_scores(LossConfig(name="principled", params={"target": "scores"}))
     assert not loss_requires_scores(LossConfig(name="principled", params={"target": "auto"}))
     assert not loss_requires_scores(LossConfig(name="sigmoid"))
@@ -114,7 +92,7 @@ def test_scores_required_only_when_the_loss_needs_them(tok_dir, tmp_path):
     assert len(kept["prompt_ids"]) == 48
 
 
-def test_field_mapping_and_file_uri(tok_dir, tmp_path):
+def test_field_mapping_and_file_uri(tok_dir, tmp_path, run_unit):
     path = (FORMATS / "custom_fields.parquet").as_uri()
     assert path.startswith("file://")
     quarantined, pairs, _ = run_unit(tok_dir, path, data_cfg("custom_fields"), True,

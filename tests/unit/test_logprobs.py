@@ -1,4 +1,4 @@
-"""Response log-probs: chunked, masked path == a naive full-vocabulary float64 computation."""
+"""Response log-probs: chunked, masked path == a naive full-vocabulary computation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from workers.logprobs import ResponseLogps, collate_pairs, sequence_logps
+from workers.logprobs import ResponseLogps, collate_pairs, sequence_logps, token_logps
 from workers.train_step import pair_loss, policy_pair_logps, rows_to_pairs
 
 
@@ -82,3 +82,65 @@ def test_dataset_columns_reach_the_loss(model):
     assert logps.chosen_winrate.tolist() == [1.0, 0.75, 0.5] and logps.chosen_score is None
     loss, _ = pair_loss(ResponseLogps(model), pairs, "sppo", {"beta": 0.1})
     assert torch.isfinite(loss)
+
+
+def naive_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
+    """Full-vocabulary float32 log_softmax of the whole batch, then gather."""
+    return torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+def values_and_grads(fn, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                     upstream: torch.Tensor):
+    head.zero_grad()
+    h = hidden.detach().clone().requires_grad_(True)
+    out = fn(head, h, targets)
+    (out * upstream).sum().backward()  # per-token upstream gradients differ, as a DPO loss's do
+    return out.detach(), h.grad, head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-6, 1e-5),
+                                               (torch.bfloat16, 1e-2, 1.6e-2)])
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_token_logps_values_and_gradients_match_naive(dtype, atol, rtol, chunk):
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False).to(dtype)
+    hidden = torch.randn(13, 16, dtype=dtype)
+    targets = torch.randint(0, 50, (13,))
+    upstream = torch.randn(13)
+    got = values_and_grads(lambda m, h, t: token_logps(m, h, t, chunk), head, hidden, targets,
+                           upstream)
+    want = values_and_grads(naive_token_logps, head, hidden, targets, upstream)
+    assert got[0].dtype == torch.float32
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+def test_token_logps_gradient_is_not_trivially_equal():
+    """The comparison above can fail: a log-prob that ignores the normaliser differs."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, targets, upstream = torch.randn(13, 16), torch.randint(0, 50, (13,)), torch.randn(13)
+    want = values_and_grads(naive_token_logps, head, hidden, targets, upstream)
+    wrong = values_and_grads(lambda m, h, t: m(h).gather(-1, t[:, None])[:, 0], head, hidden,
+                             targets, upstream)
+    assert (wrong[1] - want[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_lm_head_sees_response_positions_only_in_chunks(model, grad):
+    """Full-vocabulary logits exist for at most `chunk` rows at a time, and only for
+    positions that predict a response token (never for prompt or padding positions)."""
+    batch = collate_pairs(PROMPTS, CHOSEN, REJECTED, pad_id=0)
+    rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        with torch.set_grad_enabled(grad):
+            out = ResponseLogps(model, chunk_size=4)(batch.input_ids, batch.attention_mask,
+                                                     batch.response_mask)
+            if grad:
+                out.sum().backward()
+    finally:
+        hook.remove()
+    n_response = sum(len(r) for r in CHOSEN + REJECTED)
+    assert max(rows) <= 4
+    assert sum(rows) == n_response * (2 if grad else 1)  # recomputed once in backward

@@ -7,7 +7,13 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from workers.logprobs import ResponseLogps, collate_pairs, sequence_logps
-from workers.packing import block_causal_mask, first_fit_decreasing, pack_pairs
+from workers.packing import (
+    attention_mode,
+    block_causal_mask,
+    first_fit_decreasing,
+    model_attention_mask,
+    pack_pairs,
+)
 from workers.train_step import pair_loss, rows_to_pairs
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15], [16, 17, 18, 19]]
@@ -93,3 +99,66 @@ def test_packed_loss_and_gradients_match_unpacked(mode):
     for k in metrics_a:
         assert metrics_b[k] == pytest.approx(metrics_a[k], abs=1e-5, rel=1e-4), k
     torch.testing.assert_close(grad_b, grad_a, atol=1e-6, rtol=1e-4)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """transformers compiles flex_attention on first use; on CPU, torch 2.13's inductor fails
+    to compile that kernel (CppCompileError in the generated flex template), so CPU tests
+    run torch's eager flex_attention on the same BlockMask and mask_mod instead. The
+    compiled kernel's agreement is checked on GPU by bench/bench_step.py at startup."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def eager(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager)
+
+
+def test_attention_mode_follows_the_attention_implementation():
+    assert [attention_mode(tiny_qwen2(a)) for a in ("eager", "sdpa", "flex_attention")] == [
+        "mask", "mask", "flex"]
+
+
+def test_flex_batches_pack_into_one_unpadded_row():
+    batch = pack_pairs(PROMPTS, CHOSEN, REJECTED, pad_id=0, attention="flex")
+    assert batch.input_ids.shape[0] == 1 and batch.padding_fraction == 0.0
+    assert batch.flex and batch.attention_mask is None
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("row_tokens", [None, 64])
+def test_flex_logps_match_mask_and_unpacked(eager_flex, row_tokens):
+    """FlexAttention block mask == explicit 4-D mask == one sequence per row (fp32, forward:
+    FlexAttention has no backward on CPU)."""
+    reference, flex = tiny_qwen2("sdpa"), tiny_qwen2("flex_attention")
+    packed = pack_pairs(PROMPTS, CHOSEN, REJECTED, pad_id=0, attention="flex",
+                        row_tokens=row_tokens)
+    masked = pack_pairs(PROMPTS, CHOSEN, REJECTED, pad_id=0, attention="mask",
+                        row_tokens=row_tokens)
+    with torch.no_grad():
+        want, _ = sequence_logps(reference, collate_pairs(PROMPTS, CHOSEN, REJECTED, pad_id=0))
+        got_mask, _ = sequence_logps(reference, masked)
+        got_flex, _ = sequence_logps(flex, packed, attention_mask=model_attention_mask(packed))
+    torch.testing.assert_close(got_mask, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_flex, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FlexAttention has no backward on CPU (torch 2.13: 'FlexAttention "
+                           "does not support backward on CPU'); runs where CUDA is present")
+def test_flex_gradients_match_mask_on_cuda():
+    model = tiny_qwen2("sdpa").cuda().train()
+    module = ResponseLogps(model, chunk_size=4)
+    rows = {"prompt_ids": PROMPTS, "chosen_ids": CHOSEN, "rejected_ids": REJECTED,
+            "ref_chosen_logp": [-10.0] * 5, "ref_rejected_logp": [-11.0] * 5}
+    grads = []
+    for impl, packing in (("sdpa", "mask"), ("flex_attention", "flex")):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        pairs = rows_to_pairs(rows, pad_id=0, packing=packing)
+        pairs.batch = pairs.batch.to("cuda")
+        pair_loss(module, pairs, "sigmoid", {"beta": 0.1})[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,176 @@
+"""Training faults: a killed worker, NaN/inf losses. Each test injects its fault itself.
+
+The pairs carry made-up reference log-probs (the train stage only reads the columns), so
+no vLLM engine is needed here; the data order and step count are checked against the
+order the train stage promises (`pipeline.stages.train.order_key`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+
+GLOBAL_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(prepared_pairs, tmp_path_factory):
+    """The prepared toy pairs with reference columns added (the same made-up value)."""
+    table = pq.read_table(prepared_pairs)
+    n = table.num_rows
+    table = table.append_column("ref_chosen_logp", pa.array([-40.0] * n, pa.float64()))
+    table = table.append_column("ref_rejected_logp", pa.array([-40.0] * n, pa.float64()))
+    out = tmp_path_factory.mktemp("pairs-with-ref")
+    pq.write_table(table, out / "part-0.parquet")
+    return out
+
+
+def training_order(table: pa.Table, seed: int = 0) -> list[str]:
+    from pipeline.stages.train import order_key
+
+    keys = order_key(table, seed, shuffle=True).to_pylist()
+    return [i for _, i in sorted(zip(keys, table["id"].to_pylist()))]
+
+
+def train(cfg, data, tmp_path, name="run"):
+    """run_train with a metrics sink; returns (result, metric rows)."""
+    import ray
+
+    from pipeline.cluster import worker_env
+    from pipeline.stages.train import run_train
+    from workers.metrics_sink import MetricsSink
+
+    path = tmp_path / f"{name}-metrics.jsonl"
+    sink = ray.remote(MetricsSink).options(num_cpus=0).remote(str(path), {})
+    out = tmp_path / f"{name}-out"
+    out.mkdir()
+    try:
+        result = run_train(data, cfg.model.policy, cfg, out, tmp_path / f"{name}-storage",
+                           worker_env(cfg), sink)
+    finally:
+        ray.get(sink.set_context.remote())
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return result, rows, out
+
+
+def config(make_config, tmp_path, **train):
+    return make_config(tmp_path / "cfg", loss={"name": "sigmoid", "params": {"beta": 0.1}},
+                       train={"num_workers": 2, "micro_batch_size": 2,
+                              "global_batch_size": GLOBAL_BATCH, "learning_rate": 1e-4,
+                              "warmup_ratio": 0.0, "lr_schedule": "constant", **train})
+
+
+def alive_actor_pids(class_name: str) -> list[int]:
+    """Pids of the live actors of a class, from the GCS (the test cluster has no dashboard)."""
+    from ray._private.state import actors
+
+    return [a["Pid"] for a in actors().values()
+            if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a["Pid"]]
+
+
+def kill_a_train_worker_after_a_checkpoint(run_storage, killed, timeout=300.0):
+    """SIGKILL one training worker once Ray Train's controller has registered a checkpoint
+    (it writes its snapshot then; a checkpoint still being reported would be lost)."""
+    snapshot = run_storage / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if snapshot.exists() and "checkpoint-step-" in snapshot.read_text():
+            pids = alive_actor_pids("RayTrainWorker")
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed["pid"] = pids[-1]
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path):
+    """SIGKILL one of two ZeRO-3 workers mid-epoch: Ray Train restarts the group from the
+    last DeepSpeed checkpoint, every step is taken once in the promised data order, and the
+    redone steps reproduce the lost attempt's losses (the state was restored exactly)."""
+    from workers.trainer import batch_digest
+
+    cfg = config(make_config, tmp_path, epochs=2, checkpoint_every=4, max_failures=2)
+    killed: dict = {}
+    killer = threading.Thread(target=kill_a_train_worker_after_a_checkpoint,
+                              args=(tmp_path / "run-storage" / "train", killed), daemon=True)
+    killer.start()
+    result, rows, out = train(cfg, pairs_dir, tmp_path)
+    killer.join(timeout=1)
+    assert killed, "the worker was never killed (no checkpoint was registered in time)"
+    print(f"killed train worker pid {killed['pid']}")
+
+    order = training_order(pq.read_table(pairs_dir))
+    per_epoch = len(order) // GLOBAL_BATCH
+    steps = per_epoch * 2
+    assert result["optimizer_steps"] == result["steps_done"] == steps
+    expected = {s: batch_digest(order[((s - 1) % per_epoch) * GLOBAL_BATCH:
+                                      ((s - 1) % per_epoch + 1) * GLOBAL_BATCH])
+                for s in range(1, steps + 1)}
+    resumed = [r for r in rows if r["resumed_from"] > 0]
+    assert resumed, "no step was reported after a restart"
+    restart_step = resumed[0]["resumed_from"]
+    assert restart_step % 4 == 0 and restart_step < steps
+    first_attempt = {r["step"]: r for r in rows if r["resumed_from"] == 0}
+    final = {r["step"]: r for r in rows}  # the last row of each step wins
+    assert sorted(final) == list(range(1, steps + 1))
+    assert {s: r["batch_digest"] for s, r in final.items()} == expected
+    redone = [s for s in first_attempt if s > restart_step]
+    for s in redone:
+        assert math.isclose(first_attempt[s]["loss"], final[s]["loss"], abs_tol=1e-5), s
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "run-storage" / "train").exists(), "resumable state left behind"
+
+
+def poison(pairs_dir, tmp_path, positions):
+    """A copy of the pairs where the pairs at these training-order positions have an
+    infinite reference log-prob, so their loss is inf."""
+    table = pq.read_table(pairs_dir)
+    order = training_order(table)
+    bad = {order[p] for p in positions}
+    ref = pc.if_else(pc.is_in(table["id"], pa.array(sorted(bad))), math.inf,
+                     table["ref_chosen_logp"])
+    table = table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp", ref)
+    out = tmp_path / "poisoned"
+    out.mkdir()
+    pq.write_table(table, out / "part-0.parquet")
+    return out, bad
+
+
+def test_nonfinite_loss_is_skipped_and_counted(pairs_dir, make_config, tmp_path):
+    from safetensors.torch import load_file
+
+    data, _ = poison(pairs_dir, tmp_path, positions=[5, 30])  # in two different batches
+    cfg = config(make_config, tmp_path, on_nonfinite="skip", max_nonfinite=5)
+    result, rows, out = train(cfg, data, tmp_path)
+    planned = 64 // GLOBAL_BATCH
+    assert result["nonfinite_skipped"] == 2
+    assert result["steps_done"] == planned - 2  # the data ran out two batches early
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_nonfinite_loss_stops_with_the_batch_ids(pairs_dir, make_config, tmp_path):
+    from pipeline.stages.train import NonFiniteStop
+
+    data, bad = poison(pairs_dir, tmp_path, positions=[9])
+    cfg = config(make_config, tmp_path, num_workers=1, micro_batch_size=4,
+                 on_nonfinite="stop")
+    with pytest.raises(NonFiniteStop, match="non-finite loss at optimizer step 3") as err:
+        train(cfg, data, tmp_path)
+    report = next((tmp_path / "run-storage").glob("*-nonfinite.json"))
+    assert str(report) in str(err.value)
+    events = json.loads(report.read_text())["nonfinite_events"]
+    assert len(events) == 1 and bad <= set(events[0]["ids"])
+    assert not (tmp_path / "run-out" / "model").exists()  # no checkpoint written

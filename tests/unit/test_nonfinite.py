@@ -1,0 +1,64 @@
+"""The trainer's NaN/inf policy and its data cursor, without Ray or DeepSpeed."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from workers.nonfinite import NonFiniteGuard, all_ranks, local_weights_finite
+from workers.trainer import batch_digest, global_micro_batches
+
+
+def test_skip_counts_until_the_limit():
+    guard = NonFiniteGuard("skip", max_skipped=2)
+    assert not guard.record("loss", 3, ["a", "b"])
+    assert not guard.record("gradient", 5, ["c"])
+    assert guard.record("loss", 7, ["d"])
+    assert guard.skipped == 3 and "more than train.max_nonfinite=2" in guard.stop_reason
+    assert [e["ids"] for e in guard.events] == [["a", "b"], ["c"], ["d"]]
+
+
+def test_stop_stops_at_the_first_and_keeps_the_ids():
+    guard = NonFiniteGuard("stop", max_skipped=10)
+    assert guard.record("loss", 4, [17, 18])
+    assert guard.stop_reason == "non-finite loss at optimizer step 4 (train.on_nonfinite=stop)"
+    assert guard.events == [{"what": "loss", "step": 4, "ids": ["17", "18"]}]
+
+
+def test_nonfinite_weights_always_stop():
+    assert NonFiniteGuard("skip", max_skipped=10).record("weights", 9, [])
+
+
+def test_weights_check_and_single_process_reduction():
+    layer = torch.nn.Linear(3, 2)
+    assert local_weights_finite(layer)
+    with torch.no_grad():
+        layer.weight[0, 1] = float("nan")
+    assert not local_weights_finite(layer)
+    assert all_ranks(True) and not all_ranks(False)
+
+
+class FakeShard:
+    """iter_batches over an in-memory column dict, like a Ray DataIterator."""
+
+    def __init__(self, n: int):
+        self.ids = np.array([f"p{i}" for i in range(n)], dtype=object)
+
+    def iter_batches(self, batch_size, batch_format, drop_last):
+        assert batch_format == "numpy" and drop_last
+        for start in range(0, len(self.ids) - batch_size + 1, batch_size):
+            yield {"id": self.ids[start:start + batch_size]}
+
+
+def test_cursor_resumes_exactly_where_it_stopped():
+    shard = FakeShard(10)  # 2 full batches of 4 per epoch (the last 2 rows dropped)
+    full = [(c, e, list(rows["id"])) for c, e, rows in global_micro_batches(shard, 4, 3, 0)]
+    assert [(c, e) for c, e, _ in full] == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 2), (5, 2)]
+    assert full[0][2] == ["p0", "p1", "p2", "p3"] and full[2][2] == full[0][2]
+    resumed = [(c, e, list(rows["id"])) for c, e, rows in global_micro_batches(shard, 4, 3, 3)]
+    assert resumed == full[3:]
+
+
+def test_batch_digest_depends_on_order():
+    assert batch_digest(["a", "b"]) != batch_digest(["b", "a"])
+    assert batch_digest(["a", "b"]) == batch_digest(np.array(["a", "b"], dtype=object))
