@@ -120,6 +120,19 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "cpu_adam"] = "adamw"
     gradient_checkpointing: bool = False
     packing: bool = False
+    attention: Literal["auto", "sdpa", "eager", "flex", "flash"] = Field(
+        "auto", description="Attention kernel of the trained model. auto: FlexAttention on GPU"
+        " with packing (document masks, no padding), SDPA otherwise; flash: flash_attention_2"
+        " (needs flash-attn). FlexAttention has no backward on CPU.")
+    share_prompt: bool = Field(
+        False, description="With packing: compute each prompt once, chosen and rejected"
+        " continuing from it (exact; not with attention: flash).")
+    pack_row_tokens: int | None = Field(
+        None, gt=0, description="Token budget of a packed row (default: one row per"
+        " micro-batch on flex/flash, the longest pair on the CPU mask path).")
+    logprob_chunk_size: int = Field(
+        1024, gt=0, description="Response positions per LM-head chunk (bounds the full-vocab"
+        " logits held at once).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     resources: CustomResources = Field(
         default_factory=dict, description="Custom Ray resources per worker, e.g. {gpu_node: 0.01}.")
@@ -143,6 +156,15 @@ class TrainConfig(_Section):
                 f"micro_batch_size × num_workers ({self.micro_batch_size} × {self.num_workers}"
                 f" = {per_step})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _share_prompt_needs_packing(self) -> TrainConfig:
+        if self.share_prompt and not self.packing:
+            raise ValueError("train.share_prompt needs train.packing: true")
+        if self.share_prompt and self.attention == "flash":
+            raise ValueError("train.share_prompt cannot use attention: flash (position-id"
+                             " boundaries cannot let both continuations see the prompt)")
         return self
 
     @property

@@ -49,9 +49,12 @@ class TrainLoopConfig:
     bf16: bool
     gradient_checkpointing: bool
     packing: bool = False  # pack pairs into shared rows (workers.packing)
+    attention: str = "auto"  # see pipeline.config.TrainConfig.attention
+    share_prompt: bool = False
+    pack_row_tokens: int | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False  # else safetensors only
-    logprob_chunk_size: int = 4096
+    logprob_chunk_size: int = 1024
     checkpoint_every: int = 0  # optimizer steps between resumable DeepSpeed checkpoints
     on_nonfinite: str = "skip"  # 'skip' | 'stop' (see workers.nonfinite)
     max_nonfinite: int = 10
@@ -95,6 +98,18 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+ATTENTION_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention",
+                             "flash": "flash_attention_2"}
+
+
+def attn_implementation(attention: str, packing: bool, cuda: bool) -> str:
+    """The transformers attn_implementation for train.attention ('auto': FlexAttention where
+    it pays and has a backward, i.e. packed rows on GPU; SDPA otherwise)."""
+    if attention == "auto":
+        return "flex_attention" if (cuda and packing) else "sdpa"
+    return ATTENTION_IMPLEMENTATIONS[attention]
+
+
 def _load_policy(cfg: TrainLoopConfig, ds_config: dict[str, Any]):
     from transformers import AutoModelForCausalLM
 
@@ -107,6 +122,8 @@ def _load_policy(cfg: TrainLoopConfig, ds_config: dict[str, Any]):
         keep_alive = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.policy_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=attn_implementation(cfg.attention, cfg.packing,
+                                                torch.cuda.is_available()),
         use_safetensors=None if cfg.allow_pickle_weights else True)
     for module in model.modules():  # preference training disables dropout (as TRL does)
         if isinstance(module, torch.nn.Dropout):
@@ -147,6 +164,13 @@ def global_micro_batches(shard, rows_per_batch: int, epochs: int, start: int):
             if cursor >= start:
                 yield cursor, epoch, rows
             cursor += 1
+
+
+def pair_tokens(rows: dict[str, Any]) -> int:
+    """Tokens of the pairs as two whole sequences each (prompt counted twice), whatever the
+    layout computes, so tokens/s compares across padding, packing and a shared prompt."""
+    return sum(2 * len(p) + len(c) + len(r)
+               for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
 
 
 @dataclass
@@ -200,7 +224,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.cursor = cursor + 1
         ids = [str(i) for i in rows["id"]]
         mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()}
-        pairs = rows_to_pairs(mine, pad_id, packing)
+        pairs = rows_to_pairs(mine, pad_id, packing, share_prompt=cfg.share_prompt,
+                              row_tokens=cfg.pack_row_tokens)
         pairs.batch = pairs.batch.to(device)
         loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params)
         if not all_ranks(bool(torch.isfinite(loss.detach())), device):
@@ -210,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.step()
         micro += 1
         step_ids += ids
-        tokens += pairs.batch.real_tokens
+        tokens += pair_tokens(mine)
         for k, v in {"loss": float(loss.detach()), **out.metrics}.items():
             acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum_steps
         if micro % cfg.grad_accum_steps:

@@ -138,3 +138,11 @@ def test_secrets_in_the_environment_are_never_printed_or_shipped(world, capsys, 
     main(["run", str(path), "--dry-run"])
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err
+
+
+def test_share_prompt_needs_packing_and_not_flash():
+    with pytest.raises(ValueError, match="share_prompt needs train.packing"):
+        config(train={"share_prompt": True})
+    with pytest.raises(ValueError, match="cannot use attention: flash"):
+        config(train={"share_prompt": True, "packing": True, "attention": "flash"})
+    assert config(train={"share_prompt": True, "packing": True}).train.attention == "auto"

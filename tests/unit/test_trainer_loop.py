@@ -1,4 +1,4 @@
-"""The trainer's NaN/inf policy and its data cursor, without Ray or DeepSpeed."""
+"""The trainer loop's pure parts: NaN/inf policy, data cursor, attention choice (no Ray)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,14 @@ def test_cursor_resumes_exactly_where_it_stopped():
 def test_batch_digest_depends_on_order():
     assert batch_digest(["a", "b"]) != batch_digest(["b", "a"])
     assert batch_digest(["a", "b"]) == batch_digest(np.array(["a", "b"], dtype=object))
+
+
+def test_attention_choice():
+    from workers.trainer import attn_implementation, pair_tokens
+
+    assert attn_implementation("auto", packing=True, cuda=True) == "flex_attention"
+    assert attn_implementation("auto", packing=True, cuda=False) == "sdpa"  # no CPU backward
+    assert attn_implementation("auto", packing=False, cuda=True) == "sdpa"
+    assert attn_implementation("flash", packing=True, cuda=True) == "flash_attention_2"
+    rows = {"prompt_ids": [[1, 2, 3]], "chosen_ids": [[4]], "rejected_ids": [[5, 6]]}
+    assert pair_tokens(rows) == 2 * 3 + 1 + 2

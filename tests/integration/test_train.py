@@ -1,4 +1,5 @@
-"""Training faults: a killed worker, NaN/inf losses. Each test injects its fault itself.
+"""The train stage through Ray Train × DeepSpeed ZeRO-3: faults (a killed worker, NaN/inf
+losses; each test injects its fault itself) and packed layouts against the padded one.
 
 The pairs carry made-up reference log-probs (the train stage only reads the columns), so
 no vLLM engine is needed here; the data order and step count are checked against the
@@ -174,3 +175,17 @@ def test_nonfinite_loss_stops_with_the_batch_ids(pairs_dir, make_config, tmp_pat
     events = json.loads(report.read_text())["nonfinite_events"]
     assert len(events) == 1 and bad <= set(events[0]["ids"])
     assert not (tmp_path / "run-out" / "model").exists()  # no checkpoint written
+
+
+def test_packed_shared_prompt_training_matches_padded(pairs_dir, make_config, tmp_path):
+    """The Ray Train workers' packed, shared-prompt step (train.packing, train.share_prompt)
+    follows the padded step's loss curve: same pairs, same updates."""
+    curves = {}
+    for name, layout in (("padded", {}), ("shared", {"packing": True, "share_prompt": True})):
+        cfg = config(make_config, tmp_path / name, max_steps=3, learning_rate=1e-3, **layout)
+        result, rows, _ = train(cfg, pairs_dir, tmp_path, name)
+        assert result["steps_done"] == 3
+        curves[name] = [r["loss"] for r in rows]
+    print(f"loss curves: {curves}")
+    for a, b in zip(curves["padded"], curves["shared"], strict=True):
+        assert abs(a - b) < 1e-4
