@@ -16,6 +16,8 @@ WORKER_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # CPU: the vLLM engine core runs inside its actor (starts ~3x faster than a child process)
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 PASS_THROUGH = ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "HF_HOME", "PYTHONPATH",
                 "VLLM_CPU_KVCACHE_SPACE", "RAY_AUTH_MODE")
@@ -25,6 +27,7 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
     if cfg.train.gpus_per_worker > 0 or cfg.reference.gpus_per_actor > 0:
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda")
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.reference.engine.kv_cache_space_gib)
     env.update({k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
     return env

@@ -46,7 +46,8 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         full = [_ints(p) + _ints(r) for p, r in zip(prompts, responses)]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0,
+                                detokenize=False)  # only the numbers are read
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params,
                                  use_tqdm=False)
         result = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from tests.unit.tiny_models import tiny_qwen2
 from workers.logprobs import ResponseLogps, collate_pairs, sequence_logps
 from workers.packing import (
     attention_mode,
@@ -19,14 +19,6 @@ from workers.train_step import pair_loss, rows_to_pairs
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15], [16, 17, 18, 19]]
 CHOSEN = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29, 30, 31, 32, 33], [34, 35]]
 REJECTED = [[40, 41, 42, 43, 44, 45], [46], [47, 48], [49, 50], [51, 52, 53]]
-
-
-def tiny_qwen2(attn: str) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      attn_implementation=attn)
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 def test_first_fit_decreasing_fills_rows():

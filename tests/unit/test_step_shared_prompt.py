@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from tests.unit.tiny_models import tiny_qwen2
 from workers.logprobs import ResponseLogps, collate_pairs, response_token_logps
 from workers.packing import CHOSEN, PROMPT, REJECTED, block_causal_mask, pack_pairs
 from workers.train_step import pair_loss, rows_to_pairs, sequence_sums
@@ -19,14 +19,6 @@ ROWS = {"prompt_ids": PROMPTS, "chosen_ids": CHOSEN_IDS, "rejected_ids": REJECTE
         "ref_chosen_prefix_logp": [-8.0, -3.0, -5.0, -4.0, -7.0],
         "ref_rejected_prefix_logp": [-9.0, -6.0, -3.0, -5.0, -8.0],
         "chosen_score": [1.0, 0.8, 0.6, 0.9, 0.7], "rejected_score": [0.2, 0.1, 0.5, 0.3, 0.4]}
-
-
-def tiny_qwen2(attn: str) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      attn_implementation=attn)
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 def per_token(model, batch) -> torch.Tensor:
