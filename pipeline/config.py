@@ -457,20 +457,20 @@ def _looks_local(value: str) -> bool:
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """The same config with local relative paths made absolute (workers may run elsewhere)."""
 
-    def fix(value: str | None) -> str | None:
-        if value is None or "://" in value or os.path.isabs(value) or not _looks_local(value):
+    def fix(value: str | None, always_local: bool = False) -> str | None:
+        if value is None or "://" in value or os.path.isabs(value):
             return value
-        return os.path.abspath(value)
+        return os.path.abspath(value) if always_local or _looks_local(value) else value
 
     cfg = cfg.model_copy(deep=True)
-    cfg.run_dir = fix(cfg.run_dir)
+    cfg.run_dir = fix(cfg.run_dir, always_local=True)  # 'runs/demo' is not a hub id
     cfg.model.policy = fix(cfg.model.policy)
     cfg.model.reference = fix(cfg.model.reference)
     cfg.model.tokenizer = fix(cfg.model.tokenizer)
     cfg.data.train = [fix(p) for p in cfg.data.train]
     cfg.data.eval = [fix(p) for p in cfg.data.eval]
     cfg.rounds.prompts = [fix(p) for p in cfg.rounds.prompts]
-    cfg.reference.cache_dir = fix(cfg.reference.cache_dir)
+    cfg.reference.cache_dir = fix(cfg.reference.cache_dir, always_local=True)
     if cfg.reward is not None:
         cfg.reward.model = fix(cfg.reward.model)
     return cfg

@@ -150,3 +150,17 @@ def test_share_prompt_needs_packing_and_not_flash():
     with pytest.raises(ValueError, match="cannot use attention: flash"):
         config(train={"share_prompt": True, "packing": True, "attention": "flash"})
     assert config(train={"share_prompt": True, "packing": True}).train.attention == "auto"
+
+
+def test_run_dir_and_cache_become_absolute_even_before_they_exist(tmp_path, monkeypatch):
+    """'runs/demo' looks like a hub id ('org/name') until it exists; a fresh clone's first
+    run must still resolve it against the working directory (stages store absolute paths)."""
+    from pipeline.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(config(run_dir="runs/demo",
+                                     reference={"cache_dir": "cache/ref"},
+                                     model={"policy": "Qwen/Qwen2-0.5B"}))
+    assert cfg.run_dir == str(tmp_path / "runs" / "demo")
+    assert cfg.reference.cache_dir == str(tmp_path / "cache" / "ref")
+    assert cfg.model.policy == "Qwen/Qwen2-0.5B"  # a hub id stays one
