@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,9 +333,11 @@ def _report_final(checkpoint, rank: int) -> bool:
     return True
 
 
-def _report_marker(name: str, metrics: dict[str, Any], rank: int, dir_name: str) -> None:
-    """Report a checkpoint holding only a marker file (Ray Train returns the metrics of the
-    latest checkpoint to the driver, not of the latest report)."""
+def _report_marker(name: str, metrics: dict[str, Any], rank: int, dir_name: str,
+                   write: Callable[[Path], None] | None = None) -> None:
+    """Every rank reports `metrics`; rank 0 attaches a checkpoint holding the marker file
+    `name` (and what `write` puts beside it). Ray Train hands the driver the metrics of the
+    latest checkpoint, not of the latest report, and a restarted group finds the marker."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -342,6 +345,8 @@ def _report_marker(name: str, metrics: dict[str, Any], rank: int, dir_name: str)
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
+        if write is not None:
+            write(Path(tmp))
         (Path(tmp) / name).write_text(json.dumps(metrics))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=dir_name)
@@ -349,21 +354,15 @@ def _report_marker(name: str, metrics: dict[str, Any], rank: int, dir_name: str)
 
 def _export_hf(engine, tokenizer, cfg: TrainLoopConfig, rank: int, metrics: dict[str, Any]) -> None:
     """Gather ZeRO-3 shards into one state dict and save a HF safetensors checkpoint."""
-    import ray.train
-    from ray.train import Checkpoint
-
     if cfg.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
     else:
         state = engine.module.state_dict()
-    if rank != 0:
-        ray.train.report(metrics)
-        return
     prefix = "lm."
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.module.lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / EXPORT_MARKER).write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name="export")
+
+    def write(out: Path) -> None:
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        engine.module.lm.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    _report_marker(EXPORT_MARKER, metrics, rank, "export", write)

