@@ -194,7 +194,7 @@ class LoopState:
 
     step: int = 0          # optimizer steps done
     cursor: int = 0        # global micro-batches consumed (skipped ones included)
-    skipped: int = 0       # micro-batches dropped for a non-finite loss or gradient
+    skipped: int = 0       # micro-batches dropped (the guard counts; saved with the state)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -265,7 +265,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["tokens_per_s"] *= world  # throughput of the whole group
         metrics["pairs_per_s"] *= world
         grad_norm = engine.get_global_grad_norm()
-        state.skipped = guard.skipped
         metrics.update({"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "nonfinite_skipped": guard.skipped, "resumed_from": resumed_from,
@@ -301,7 +300,8 @@ def _save_checkpoint(engine, state: LoopState, metrics: dict[str, Any], guard: N
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"loop_state": asdict(state)})
+        loop_state = {**asdict(state), "skipped": guard.skipped}
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"loop_state": loop_state})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint-step-{state.step:07d}")
 
