@@ -146,6 +146,11 @@ class TrainConfig(_Section):
         " the run and save the batch's pair ids.")
     max_nonfinite: int = Field(
         10, ge=0, description="With on_nonfinite=skip, stop once more batches than this were skipped.")
+    stall_timeout_s: float = Field(
+        300, gt=0, description="A worker that makes no progress for this long (a collective"
+        " that does not return, a frozen process) is ended with an error naming the round,"
+        " step, phase and ranks; then max_failures applies. Also the process-group timeout."
+        " Must exceed the longest single phase (loading the model, one step, a checkpoint).")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -181,6 +186,10 @@ class EngineConfig(_Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    call_timeout_s: float = Field(
+        300, gt=0, description="An engine start or call (one batch) that does not return within"
+        " this ends its actor with a report of where it was stuck; the actor is restarted and"
+        " its batch redone.")
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

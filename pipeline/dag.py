@@ -162,11 +162,14 @@ def _train(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
     result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out,
                        r.run_dir / "ray_train" / f"round-{r.index}", r.env, r.sink,
-                       shuffle=not inputs["curriculum"],
+                       shuffle=not inputs["curriculum"], round_index=r.index,
                        run_name=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
     console.print(f"  trained {result['optimizer_steps']} steps on {result['num_pairs']} pairs"
                   + (f" ({result['nonfinite_skipped']} non-finite batches skipped)"
                      if result["nonfinite_skipped"] else ""))
+    for stall in result["stalls_survived"]:
+        console.print(f"  [yellow]warning[/]: {stall['who']} stalled at step {stall['step']}"
+                      f" ({stall['phase']}, {stall['seconds']} s); a restarted group finished")
     # hashed once here; evaluate and the next round key on it
     return {**result, "model_digest": model_digest(str(out / result["model_dir"]))}
 

@@ -9,6 +9,7 @@ vocabulary-sized buffers are one chunk's logits (model dtype) and one float32 te
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -116,22 +117,48 @@ def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor,
     return _TargetLogSoftmax.apply(lm_head(hidden), targets)
 
 
+def head_calls(max_response_tokens: int, micro_batch_size: int, chunk_size: int) -> int:
+    """LM-head calls per forward for micro-batches of up to `micro_batch_size` pairs with
+    responses of up to `max_response_tokens`: enough chunks of `chunk_size` rows for the
+    largest micro-batch, so typical batches keep chunks of at most `chunk_size` rows."""
+    return max(1, -(-2 * micro_batch_size * max_response_tokens // chunk_size))
+
+
 def token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int = 4096) -> torch.Tensor:
+                chunk_size: int = 4096, num_chunks: int | None = None) -> torch.Tensor:
     """``log p(targets[i] | hidden[i])`` in float32: hidden [N, H], targets [N] → [N].
 
     The LM head runs on `chunk_size` rows at a time; under autograd each chunk is
     checkpointed (its logits are recomputed in backward) and the head is called as a module,
     so ZeRO-3's parameter gathering hooks fire in forward and in the recomputation alike.
+
+    `num_chunks` fixes the number of head calls instead, whatever N is: ZeRO-3 gathers the
+    head's parameters on every call, so ranks whose micro-batches hold different numbers of
+    response tokens must still call it the same number of times, or their collectives stop
+    matching and the group hangs. The N rows are split into `num_chunks` near-equal chunks
+    (`chunk_size` is then unused); with fewer rows than chunks, zero rows pad the last
+    chunks and their results are dropped.
     """
+    n = hidden.shape[0]
+    if num_chunks is None:
+        bounds = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    else:
+        if n < num_chunks:
+            pad = num_chunks - n
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+            targets = torch.cat([targets, targets.new_zeros(pad)])
+        edges = [i * hidden.shape[0] // num_chunks for i in range(num_chunks + 1)]
+        bounds = list(itertools.pairwise(edges))
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+    for start, end in bounds:
+        h, t = hidden[start:end], targets[start:end]
         if torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(lm_head, h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)[:n]
 
 
 def _model_mask(attention_mask: Any, dtype: torch.dtype) -> Any:
@@ -149,11 +176,12 @@ def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
                          attention_mask: Any, response_mask: torch.Tensor,
                          position_ids: torch.Tensor | None = None, chunk_size: int = 4096,
                          predict_index: torch.Tensor | None = None,
-                         targets: torch.Tensor | None = None) -> torch.Tensor:
+                         targets: torch.Tensor | None = None,
+                         num_chunks: int | None = None) -> torch.Tensor:
     """Log-probs of every response token: shape [N_response], float32.
 
     Without `predict_index` the order is row-major over `response_mask`; with it (and
-    `targets`), the order of `predict_index`."""
+    `targets`), the order of `predict_index`. `num_chunks`: see `token_logps`."""
     backbone = getattr(model, model.base_model_prefix)
     mask = _model_mask(attention_mask, model.get_input_embeddings().weight.dtype)
     # no KV cache: with one, transformers would not detect packed sequences from position ids
@@ -164,7 +192,8 @@ def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
         selected = hidden[:, :-1][response_mask[:, :-1]]
     else:
         selected = hidden.flatten(0, 1)[predict_index]
-    return token_logps(model.get_output_embeddings(), selected, targets, chunk_size)
+    return token_logps(model.get_output_embeddings(), selected, targets, chunk_size,
+                       num_chunks)
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int = 4096,
@@ -186,16 +215,21 @@ class ResponseLogps(torch.nn.Module):
     bookkeeping sees the whole log-prob computation. The LM stays at ``.lm``. Packed and
     unpacked batches take the same call: ``attention_mask`` is the 2-D padding mask, a
     4-D block mask, a FlexAttention BlockMask, or None with per-sequence ``position_ids``.
+
+    `head_calls` fixes how many times forward calls the LM head (see `token_logps`): the
+    trainer sets it so that every rank issues the same ZeRO-3 gathers whatever its batch.
     """
 
-    def __init__(self, lm: torch.nn.Module, chunk_size: int = 4096):
+    def __init__(self, lm: torch.nn.Module, chunk_size: int = 4096, head_calls: int | None = None):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        self.head_calls = head_calls
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Any,
                 response_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 predict_index: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         return response_token_logps(self.lm, input_ids, attention_mask, response_mask,
-                                    position_ids, self.chunk_size, predict_index, targets)
+                                    position_ids, self.chunk_size, predict_index, targets,
+                                    self.head_calls)

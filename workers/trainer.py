@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from workers.logprobs import ResponseLogps
 from workers.nonfinite import NonFiniteGuard, all_ranks, local_weights_finite
 from workers.packing import attention_mode
 from workers.train_step import pair_loss, rows_to_pairs
+from workers.watchdog import Watchdog, inject_stall, is_permanent
 
 DS_TAG = "deepspeed"  # the DeepSpeed checkpoint tag inside a Ray Train checkpoint
 EXPORT_MARKER = "rayalign_export.json"  # marks the final HF export among the checkpoints
@@ -56,15 +58,18 @@ class TrainLoopConfig:
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False  # else safetensors only
     logprob_chunk_size: int = 1024
+    head_calls: int | None = None  # LM-head calls per forward, the same on every rank (logprobs)
+    stall_timeout_s: float = 300.0  # no progress for this long ends the worker (watchdog)
     checkpoint_every: int = 0  # optimizer steps between resumable DeepSpeed checkpoints
     on_nonfinite: str = "skip"  # 'skip' | 'stop' (see workers.nonfinite)
     max_nonfinite: int = 10
     metrics_sink: Any = None  # a MetricsSink actor handle, or None
+    progress_board: Any = None  # a workers.watchdog.ProgressBoard actor handle, or None
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["metrics_sink"] = self.metrics_sink
+        d["metrics_sink"], d["progress_board"] = self.metrics_sink, self.progress_board
         return d
 
 
@@ -198,17 +203,48 @@ class LoopState:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point: the watchdog around `_train`, and permanent errors recorded
+    on the board so that a restarted group ends at once instead of failing again."""
+    import ray.train
+
+    sink = config.pop("metrics_sink", None)
+    board = config.pop("progress_board", None)
+    cfg = TrainLoopConfig(**config)
+    os.environ.update(cfg.extra_env)
+    rank = ray.train.get_context().get_world_rank()
+    if board is None:
+        return _train(cfg, sink, None)
+    import ray
+
+    if ray.get(board.get_permanent.remote(), timeout=60) is not None:
+        return  # an earlier attempt hit an error a retry repeats: the driver raises it
+    watchdog = Watchdog(f"rank {rank}", cfg.stall_timeout_s, board)
+    try:
+        _train(cfg, sink, watchdog)
+    except Exception as err:
+        if is_permanent(err):
+            ray.get(board.report_permanent.remote(f"rank {rank}", watchdog.step,
+                                                  f"{type(err).__name__}: {err}",
+                                                  traceback.format_exc()), timeout=60)
+        raise
+    finally:
+        watchdog.close()
+
+
+def _train(cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None) -> None:
     import deepspeed
     import ray.train
     from transformers import AutoTokenizer
 
-    sink = config.pop("metrics_sink", None)
-    cfg = TrainLoopConfig(**config)
-    os.environ.update(cfg.extra_env)
+    def progress(step: int, phase: str) -> None:
+        if watchdog is not None:
+            watchdog.progress(step, phase)
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
 
+    progress(0, "load")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and _report_final(checkpoint, rank):
         return  # an earlier attempt finished (or stopped); its outcome stands
@@ -221,10 +257,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.optimizer_steps))
+    progress(0, "deepspeed init")
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=ResponseLogps(model, cfg.logprob_chunk_size), optimizer=optimizer,
+        model=ResponseLogps(model, cfg.logprob_chunk_size, cfg.head_calls), optimizer=optimizer,
         lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     device = engine.device
+    progress(0, "restore")
     state = _restore(engine, checkpoint) if checkpoint is not None else LoopState()
     resumed_from = state.step
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, skipped=state.skipped)
@@ -233,26 +271,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     mb = cfg.micro_batch_size
     micro, t_step, tokens, acc, step_ids = 0, time.perf_counter(), 0, {}, []
+    progress(state.step + 1, "data")  # marks name the optimizer step being worked on
     for cursor, epoch, rows in global_micro_batches(shard, mb * world, cfg.epochs, state.cursor):
         if state.step >= cfg.optimizer_steps or guard.stop_reason:
             break
         state.cursor = cursor + 1
+        inject_stall(rank, state.step + 1)
         ids = [str(i) for i in rows["id"]]
         mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()}
         pairs = rows_to_pairs(mine, pad_id, packing, share_prompt=cfg.share_prompt,
                               row_tokens=cfg.pack_row_tokens)
         pairs.batch = pairs.batch.to(device)
+        progress(state.step + 1, "forward")
         loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params)
+        progress(state.step + 1, "loss check")
         if not all_ranks(bool(torch.isfinite(loss.detach())), device):
             guard.record("loss", state.step + 1, ids)
             continue  # no backward, no step: the next micro-batch takes this one's place
+        progress(state.step + 1, "backward")
         engine.backward(loss)
+        progress(state.step + 1, "optimizer step")
         engine.step()
         micro += 1
         step_ids += ids
         tokens += pair_tokens(mine)
         for k, v in {"loss": float(loss.detach()), **out.metrics}.items():
             acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum_steps
+        progress(state.step + 1, "data")
         if micro % cfg.grad_accum_steps:
             continue
         state.step += 1
@@ -261,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - t_step
         acc.update({"tokens_per_s": tokens / elapsed,
                     "pairs_per_s": mb * cfg.grad_accum_steps / elapsed})
+        progress(state.step, "metrics")
         metrics = _mean_across_ranks(acc)
         metrics["tokens_per_s"] *= world  # throughput of the whole group
         metrics["pairs_per_s"] *= world
@@ -273,10 +319,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sink.log.remote("train", metrics)
         if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
                 and state.step < cfg.optimizer_steps and not guard.stop_reason):
+            progress(state.step, "checkpoint")
             _save_checkpoint(engine, state, metrics, guard, device)
         # Per-step metrics go to the sink only: a Ray Train report is a barrier that waits for
         # the controller's poll (~2 s), so reporting every step would cap the step rate.
         acc, tokens, step_ids, t_step = {}, 0, [], time.perf_counter()
+        progress(state.step + 1, "data")
+    progress(state.step, "export")
     if not guard.stop_reason and not all_ranks(local_weights_finite(engine.module), device):
         guard.record("weights", state.step, [])
     if guard.stop_reason:  # a clean stop, not an error: Ray Train must not retry it

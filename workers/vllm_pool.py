@@ -18,10 +18,20 @@ def _ints(ids: Sequence[Any]) -> list[int]:
 
 
 class Engine:
-    """A vLLM `LLM` built from our engine config (see `pipeline.config.EngineConfig`)."""
+    """A vLLM `LLM` built from our engine config (see `pipeline.config.EngineConfig`).
+
+    Its start and every call are watched: one that does not return within
+    `engine.call_timeout_s` ends the actor's process with a report of where it was stuck
+    (workers.watchdog), and Ray Data restarts the actor and redoes its batch."""
 
     def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
                  seed: int = 0):
+        from workers.watchdog import Watchdog
+
+        self.watchdog = Watchdog(f"vLLM engine (pid {os.getpid()}, {os.path.basename(model_path)})",
+                                 engine.get("call_timeout_s", 300.0))
+        self.watchdog.progress(0, "engine start")
+        self.calls = 0
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("kv_cache_space_gib", 1)))
         from vllm import LLM
 
@@ -38,6 +48,16 @@ class Engine:
             kwargs["gpu_memory_utilization"] = engine.get("gpu_memory_utilization", 0.85)
         kwargs.update(engine.get("extra") or {})
         self.llm = LLM(**kwargs)
+        self.watchdog.idle()
+
+    def generate(self, prompts: list[Any], params: Any) -> list[Any]:
+        """`LLM.generate`, watched (see the class docstring)."""
+        self.calls += 1
+        self.watchdog.progress(self.calls, "generate")
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            self.watchdog.idle()
 
     def sequence_logprobs(self, prompts: Sequence[Sequence[int]],
                           responses: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -48,8 +68,7 @@ class Engine:
         full = [_ints(p) + _ints(r) for p, r in zip(prompts, responses)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0,
                                 detokenize=False)  # only the numbers are read
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params,
-                                 use_tqdm=False)
+        outs = self.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params)
         result = []
         for out, ids, prompt in zip(outs, full, prompts):
             start = len(prompt)
@@ -71,8 +90,7 @@ class Engine:
             .max_num_batched_tokens
         outs = []
         for chunk in token_budget_chunks(prompts, n, budget):
-            outs += self.llm.generate([TokensPrompt(prompt_token_ids=_ints(p)) for p in chunk],
-                                      params, use_tqdm=False)
+            outs += self.generate([TokensPrompt(prompt_token_ids=_ints(p)) for p in chunk], params)
         result = []
         for out in outs:
             samples = []

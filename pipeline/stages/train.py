@@ -40,6 +40,44 @@ def optimizer_steps(num_pairs: int, cfg: RunConfig) -> int:
 ROWS_PER_SORT_BLOCK = 100_000
 
 
+def fit_watched(trainer: Any, board: Any, stall_timeout_s: float) -> tuple[Any, list[dict]]:
+    """trainer.fit() with the driver's side of the watchdog: a thread kills the actors of
+    workers whose beats stopped, and the outcome is read against the board: a permanent
+    error raises its own message once, a stall names where each worker was. Returns the
+    result and the stalls a restarted group survived."""
+    import threading
+
+    import ray
+    from ray.train import TrainingFailedError
+
+    from workers.watchdog import PermanentError, TrainingStalled, stall_message, watch_board
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch_board, args=(board, done, max(1.0, stall_timeout_s / 5)),
+                               name="train-watch", daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:  # Ray Train V2 raises it from fit()
+        result, error = None, err
+    else:
+        error = result.error
+    finally:
+        done.set()
+    summary = ray.get(board.summary.remote(), timeout=60)
+    ray.kill(board)
+    permanent = summary["permanent"]
+    if permanent is not None:
+        raise PermanentError(f"train stage, round {summary['round']}: {permanent['who']} at"
+                             f" step {permanent['step']}: {permanent['error']}\n"
+                             f"{permanent['traceback']}", summary["starts"]) from None
+    if error is not None:
+        if summary["stalls"]:
+            raise TrainingStalled(stall_message(summary)) from error
+        raise error
+    return result, summary["stalls"]
+
+
 class NonFiniteStop(RuntimeError):
     """Training stopped on a NaN/inf (train.on_nonfinite); the offending ids are saved."""
 
@@ -57,18 +95,26 @@ def ordered_pairs(data_dir: Path, seed: int, shuffle: bool):
 
 def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
               storage_dir: Path, env: dict[str, str], metrics_sink: Any = None,
-              shuffle: bool = True, run_name: str = "train") -> dict[str, Any]:
+              shuffle: bool = True, run_name: str = "train",
+              round_index: int = 0) -> dict[str, Any]:
     """Train on `data_dir` (parquet with ref columns); write the HF model to out_dir/model.
 
     shuffle=False keeps a curriculum instead: pairs in decreasing reward gap (Curry-DPO).
     `run_name` names Ray Train's run under storage_dir: a run started again under the same
     name (a crashed driver, resumed) continues from its last checkpoint, so the name must
-    change whenever the inputs do."""
+    change whenever the inputs do.
+
+    A worker that makes no progress for train.stall_timeout_s ends with an error naming
+    where (workers.watchdog), and Ray Train's max_failures applies; an error a retry would
+    repeat (a loss missing an input, bad data) fails the stage once with its message."""
+    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from workers.logprobs import head_calls
     from workers.trainer import EXPORT_MARKER, TrainLoopConfig, train_loop_per_worker
+    from workers.watchdog import ProgressBoard
 
     t = cfg.train
     ds = ordered_pairs(data_dir, t.seed, shuffle)
@@ -89,10 +135,15 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
         gradient_checkpointing=t.gradient_checkpointing, packing=t.packing,
         attention=t.attention, share_prompt=t.share_prompt, pack_row_tokens=t.pack_row_tokens,
         logprob_chunk_size=t.logprob_chunk_size,
+        head_calls=head_calls(max(cfg.data.max_response_tokens, cfg.sampling.max_tokens),
+                              t.micro_batch_size, t.logprob_chunk_size),
+        stall_timeout_s=t.stall_timeout_s,
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle_weights=cfg.model.allow_pickle_weights, metrics_sink=metrics_sink, extra_env=env,
         checkpoint_every=t.checkpoint_every, on_nonfinite=t.on_nonfinite,
-        max_nonfinite=t.max_nonfinite)
+        max_nonfinite=t.max_nonfinite,
+        progress_board=ray.remote(ProgressBoard).options(num_cpus=0).remote(
+            "train", round_index, t.stall_timeout_s))
     resources = {"CPU": t.cpus_per_worker, **t.resources}
     if use_gpu:
         resources["GPU"] = t.gpus_per_worker
@@ -102,7 +153,10 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # the process-group timeout backs the watchdog up (it fires a little later, so the
+        # watchdog's report, with the stuck rank's stack, comes first)
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                 timeout_s=int(t.stall_timeout_s * 1.5) + 30),
         datasets={"train": ds},
         dataset_config=DataConfig(datasets_to_split=[]),  # see workers.trainer.global_micro_batches
         run_config=RayRunConfig(
@@ -110,9 +164,7 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result, stalls = fit_watched(trainer, loop.progress_board, t.stall_timeout_s)
     stopped = (result.metrics or {}).get("stopped")
     if stopped:
         report = storage_dir / f"{run_name}-nonfinite.json"
@@ -130,4 +182,5 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
     final = result.metrics or {}
     return {"model_dir": "model", "num_pairs": num_pairs, "optimizer_steps": steps,
             "steps_done": final.get("step"), "nonfinite_skipped": final.get("nonfinite_skipped", 0),
+            "stalls_survived": [{k: v for k, v in x.items() if k != "stack"} for x in stalls],
             "final_metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))}}

@@ -144,3 +144,46 @@ def test_lm_head_sees_response_positions_only_in_chunks(model, grad):
     n_response = sum(len(r) for r in CHOSEN + REJECTED)
     assert max(rows) <= 4
     assert sum(rows) == n_response * (2 if grad else 1)  # recomputed once in backward
+
+
+def _head_calls(model, batch, head_calls, grad=True):
+    """(LM-head calls in forward + backward, token log-probs) of one ResponseLogps pass."""
+    calls: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    try:
+        model.zero_grad()
+        out = ResponseLogps(model, chunk_size=4, head_calls=head_calls)(
+            batch.input_ids, batch.attention_mask, batch.response_mask)
+        if grad:
+            out.sum().backward()
+    finally:
+        hook.remove()
+    return calls, out.detach()
+
+
+@pytest.mark.parametrize("n_pairs", [1, 2, 3])
+def test_head_calls_do_not_depend_on_the_batch(model, n_pairs):
+    """ZeRO-3 gathers the head's weights on every call: ranks whose batches hold 3 or 21
+    response tokens must call it equally often (in forward and in the recomputation), or
+    their collectives stop matching. With head_calls fixed the count is the same for every
+    batch and the values equal the unchunked ones."""
+    batch = collate_pairs(PROMPTS[:n_pairs], CHOSEN[:n_pairs], REJECTED[:n_pairs], pad_id=0)
+    n_response = int(batch.counts.sum())
+    calls, fixed = _head_calls(model, batch, head_calls=5)
+    fixed_grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert len(calls) == 2 * 5  # 5 in forward, 5 recomputed in backward
+    assert sum(calls) == 2 * max(n_response, 5)  # padding rows only where N < calls
+    plain_calls, plain = _head_calls(model, batch, head_calls=None)
+    plain_grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert len(plain_calls) == 2 * -(-n_response // 4)  # the chunk_size path: depends on N
+    assert fixed.shape == (n_response,)
+    assert torch.allclose(fixed, plain, atol=1e-6)
+    assert torch.allclose(fixed_grads, plain_grads, atol=1e-6)
+
+
+def test_head_calls_cover_the_largest_batch():
+    from workers.logprobs import head_calls
+
+    assert head_calls(max_response_tokens=256, micro_batch_size=4, chunk_size=1024) == 2
+    assert head_calls(max_response_tokens=256, micro_batch_size=4, chunk_size=8192) == 1
+    assert head_calls(max_response_tokens=100, micro_batch_size=3, chunk_size=7) == 86
