@@ -187,9 +187,9 @@ class EngineConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
     kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     call_timeout_s: float = Field(
-        300, gt=0, description="An engine start or call (one batch) that does not return within"
-        " this ends its actor with a report of where it was stuck; the actor is restarted and"
-        " its batch redone.")
+        300, gt=0, description="An engine call (one batch) that does not return within this"
+        " (an engine start: 3x this) ends its actor with a report of where it was stuck; the"
+        " actor is restarted and its batch redone.")
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

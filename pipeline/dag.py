@@ -54,6 +54,7 @@ class Round:
     env: dict[str, str]
     sink: Any = None
     policy_digest: str | None = None  # known when the policy is an earlier round's output
+    carried: tuple[str, Path] | None = None  # (train key, pairs) an earlier round left untrained
     done: dict[str, Manifest] = field(default_factory=dict)
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -162,11 +163,19 @@ def _train(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
     result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out,
                        r.run_dir / "ray_train" / f"round-{r.index}", r.env, r.sink,
-                       shuffle=not inputs["curriculum"], round_index=r.index,
+                       shuffle=not inputs["curriculum"], round_index=r.index, carry=r.sampled,
                        run_name=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
-    console.print(f"  trained {result['optimizer_steps']} steps on {result['num_pairs']} pairs"
+    if result["carried"]:
+        result["carry"] = "carry"
+    if not result["optimizer_steps"]:
+        console.print(f"  trained 0 steps: {result['num_pairs']} pairs are fewer than one global"
+                      f" batch ({r.cfg.train.global_batch_size}); they wait for the next round")
+        return {**result, "model_digest": r.policy_key()}  # the policy is unchanged
+    console.print(f"  trained {result['optimizer_steps']} steps on {result['trained_pairs']} of"
+                  f" {result['num_pairs']} pairs"
                   + (f" ({result['nonfinite_skipped']} non-finite batches skipped)"
-                     if result["nonfinite_skipped"] else ""))
+                     if result["nonfinite_skipped"] else "")
+                  + (f"; {result['carried']} wait for the next round" if result["carried"] else ""))
     for stall in result["stalls_survived"]:
         console.print(f"  [yellow]warning[/]: {stall['who']} stalled at step {stall['step']}"
                       f" ({stall['phase']}, {stall['seconds']} s); a restarted group finished")
@@ -238,13 +247,15 @@ def _score(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
 def _pair_inputs(r: Round) -> dict[str, Any]:
     return {"score": r.done["score"].key,
-            "rules": r.cfg.rounds.model_dump(exclude={"count", "prompts", "prompts_per_round"})}
+            "rules": r.cfg.rounds.model_dump(exclude={"count", "prompts", "prompts_per_round"}),
+            "carried": r.carried[0] if r.carried else None}
 
 
 def _pair(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.pair import run_pair
 
-    counts = run_pair(r.stage_path("score", "scored"), r.cfg, r.cfg.rounds.seed + r.index, out)
+    counts = run_pair(r.stage_path("score", "scored"), r.cfg, r.cfg.rounds.seed + r.index, out,
+                      carried=r.carried[1] if r.carried else None)
     console.print(f"  pairs: {counts}")
     return {"train": "pairs.parquet", "counts": counts}
 
@@ -321,6 +332,8 @@ def run_pipeline(cfg: RunConfig) -> int:
             r.policy_digest = trained_digest(rounds[-1])
             r.done["prepare"] = rounds[0].done["prepare"]
             r.stage_dirs["prepare"] = rounds[0].stage_dirs["prepare"]
+        if rounds and rounds[-1].has("train", "carry"):
+            r.carried = (rounds[-1].done["train"].key, rounds[-1].stage_path("train", "carry"))
         run_stages(r, SAMPLED_ROUND if r.sampled else OFFLINE_ROUND)
         rounds.append(r)
         policy = str(r.stage_path("train", "model_dir"))
@@ -347,6 +360,10 @@ def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: d
     table.add_column("metric")
     for r in rounds:
         table.add_column(f"round {r.index}", justify="right")
+    trained = [r.done["train"].outputs for r in rounds]
+    table.add_row("pairs trained", *[f"{t.get('trained_pairs', t['num_pairs'])}"
+                                     + (f" (+{t['carried']} wait)" if t.get("carried") else "")
+                                     for t in trained])
     for k in keys:
         table.add_row(k.removeprefix("eval/"), *[f"{m[k]:.3f}" if k in m else "-" for m in metrics])
     console.print(table)

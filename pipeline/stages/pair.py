@@ -16,11 +16,22 @@ SAMPLED_PAIR_SCHEMA = PAIR_SCHEMA.append(pa.field("chosen_winrate", pa.float64()
     .append(pa.field("rejected_winrate", pa.float64()))
 
 
-def run_pair(scored_dir: Path, cfg: RunConfig, seed: int, out_dir: Path) -> dict[str, Any]:
+def run_pair(scored_dir: Path, cfg: RunConfig, seed: int, out_dir: Path,
+             carried: Path | None = None) -> dict[str, Any]:
+    """This round's pairs, plus the pairs an earlier round could not train on (`carried`,
+    see `pipeline.stages.train.run_train`). A round may yield no pair at all (all ties):
+    that is not an error, its pairs are simply fewer."""
     samples = pq.read_table(str(scored_dir)).to_pylist()
     pairs, counts = build_pairs(samples, cfg.rounds, seed)
-    if not pairs:
-        raise ValueError(f"no pairs survived the pair rules: {counts}")
+    table = pa.Table.from_pylist(pairs, SAMPLED_PAIR_SCHEMA)
+    if carried is not None and carried.exists():
+        earlier = pq.read_table(str(carried))
+        for f in SAMPLED_PAIR_SCHEMA:  # e.g. no win rates: a loss that needs them refuses the mode
+            if f.name not in earlier.column_names:
+                earlier = earlier.append_column(f, pa.nulls(earlier.num_rows, f.type))
+        table = pa.concat_tables([earlier.select(SAMPLED_PAIR_SCHEMA.names).cast(SAMPLED_PAIR_SCHEMA),
+                                  table])
+        counts["carried_in"] = earlier.num_rows
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(pairs, SAMPLED_PAIR_SCHEMA), out_dir / "pairs.parquet")
+    pq.write_table(table, out_dir / "pairs.parquet")
     return counts

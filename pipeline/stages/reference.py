@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import PoolConfig
 from pipeline.manifest import Manifest, model_digest, stable_hash, write_json_atomic
@@ -41,8 +42,20 @@ def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolCo
 
     from workers.vllm_pool import PairLogprobs
 
-    tagged = [ray.data.read_parquet(str(path)).add_column(
-        "split", lambda b, s=name: pa.array([s] * len(b)), batch_format="pyarrow")
+    # One pool over all splits, so the splits must share one schema: sampled pairs carry win
+    # rates that prepared eval pairs lack, and Ray Data takes a union's schema from whichever
+    # block comes first. Every split gets every column (nulls where it has none).
+    schemas = {name: pq.ParquetDataset(str(path)).schema for name, path in splits.items()}
+    fields = {f.name: f for schema in schemas.values() for f in schema}
+
+    def conform(batch: pa.Table, split: str) -> pa.Table:
+        for name, f in fields.items():
+            if name not in batch.column_names:
+                batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
+        return batch.select(list(fields)).append_column("split", pa.array([split] * len(batch)))
+
+    tagged = [ray.data.read_parquet(str(path)).map_batches(
+        conform, fn_kwargs={"split": name}, batch_format="pyarrow")
         for name, path in splits.items()]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     ds = ds.map_batches(udf or PairLogprobs, fn_constructor_args=(reference_path, pool.engine.model_dump(),
@@ -50,7 +63,8 @@ def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolCo
                         batch_format="pyarrow", **pool_map_args(pool)).materialize()
     rows = {}
     for name in splits:
-        part = ds.filter(lambda r, s=name: r["split"] == s).drop_columns(["split"])
+        part = ds.filter(lambda r, s=name: r["split"] == s).drop_columns(
+            ["split", *(f for f in fields if f not in schemas[name].names)])
         part.write_parquet(str(out_dir / name))
         rows[name] = part.count()
     return rows

@@ -40,9 +40,11 @@ def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, A
         return pool
     if prepared_train is None:
         raise ValueError("online rounds need prompts: set rounds.prompts or data.train")
-    seen: dict[str, dict[str, Any]] = {}
+    # one entry per distinct prompt as the model sees it: conversations that end in the same
+    # question after different earlier turns are different prompts
+    seen: dict[tuple[int, ...], dict[str, Any]] = {}
     for row in pq.read_table(prepared_train, columns=["prompt_text", "prompt_ids"]).to_pylist():
-        seen.setdefault(row["prompt_text"], {"prompt_id": f"p{len(seen)}", **row})
+        seen.setdefault(tuple(row["prompt_ids"]), {"prompt_id": f"p{len(seen)}", **row})
     return list(seen.values())
 
 

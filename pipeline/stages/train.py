@@ -93,13 +93,35 @@ def ordered_pairs(data_dir: Path, seed: int, shuffle: bool):
     return ds.sort("order_key").drop_columns(["order_key"]).materialize()
 
 
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp", "ref_chosen_prefix_logp",
+               "ref_rejected_prefix_logp", "chosen_len", "rejected_len")
+
+
+def carry_over(ds: Any, start: int, round_index: int, out: Path) -> int:
+    """Write the pairs of `ds` (in training order) from index `start` on, which this round
+    does not train on, to `out` for the next round's pair stage: reference columns dropped
+    (the next round computes them against its reference), ids prefixed with the round."""
+    n = ds.count()
+    if start >= n:
+        return 0
+    tail = ds.split_at_indices([start])[1] if start else ds
+    tail = tail.drop_columns([c for c in REF_COLUMNS if c in tail.columns()])
+    tail = tail.map_batches(lambda b: b.set_column(b.schema.get_field_index("id"), "id", pa.array(
+        [f"r{round_index}/{i}" for i in b["id"].to_pylist()])), batch_format="pyarrow")
+    tail.write_parquet(str(out))
+    return n - start
+
+
 def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
               storage_dir: Path, env: dict[str, str], metrics_sink: Any = None,
               shuffle: bool = True, run_name: str = "train",
-              round_index: int = 0) -> dict[str, Any]:
+              round_index: int = 0, carry: bool = False) -> dict[str, Any]:
     """Train on `data_dir` (parquet with ref columns); write the HF model to out_dir/model.
 
     shuffle=False keeps a curriculum instead: pairs in decreasing reward gap (Curry-DPO).
+    carry=True (sampled rounds): the pairs this round does not train on (all of them when
+    they are fewer than one global batch, else the tail past the last full batch) go to
+    out_dir/carry for the next round, instead of failing the round or being dropped.
     `run_name` names Ray Train's run under storage_dir: a run started again under the same
     name (a crashed driver, resumed) continues from its last checkpoint, so the name must
     change whenever the inputs do.
@@ -117,8 +139,13 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
     from workers.watchdog import ProgressBoard
 
     t = cfg.train
-    ds = ordered_pairs(data_dir, t.seed, shuffle)
-    num_pairs = ds.count()
+    ds = ordered_pairs(data_dir, t.seed, shuffle) if any(data_dir.glob("*.parquet")) else None
+    num_pairs = ds.count() if ds is not None else 0
+    if carry and num_pairs < t.global_batch_size:  # a small online round: its pairs wait
+        carried = carry_over(ds, 0, round_index, out_dir / "carry") if num_pairs else 0
+        return {"model_dir": str(Path(policy_path).resolve()), "num_pairs": num_pairs,
+                "optimizer_steps": 0, "steps_done": 0, "trained_pairs": 0, "carried": carried,
+                "nonfinite_skipped": 0, "stalls_survived": [], "final_metrics": {}}
     steps = optimizer_steps(num_pairs, cfg)
     if metrics_sink is not None:  # for the dashboard: stage progress and h = margin / β
         metrics_sink.plan.remote("train", steps, validate_loss(cfg.loss).get("beta"))
@@ -180,7 +207,10 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(storage_dir / run_name, ignore_errors=True)  # resumable state, no longer needed
     final = result.metrics or {}
+    trained = min(steps, num_pairs // t.global_batch_size) * t.global_batch_size
+    carried = carry_over(ds, trained, round_index, out_dir / "carry") if carry else 0
     return {"model_dir": "model", "num_pairs": num_pairs, "optimizer_steps": steps,
+            "trained_pairs": trained, "carried": carried,
             "steps_done": final.get("step"), "nonfinite_skipped": final.get("nonfinite_skipped", 0),
             "stalls_survived": [{k: v for k, v in x.items() if k != "stack"} for x in stalls],
             "final_metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))}}

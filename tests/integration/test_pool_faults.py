@@ -64,7 +64,7 @@ def test_reference_survives_an_engine_call_that_never_answers(prepared_pairs, ma
 
     cfg = make_config(tmp_path / "run", reference={
         "batch_size": 16, "engine": {"dtype": "float32", "max_model_len": 256,
-                                     "call_timeout_s": 20}})
+                                     "call_timeout_s": 40}})
     marker = tmp_path / "hung"
     rows = compute_reference({"train": prepared_pairs}, cfg.model.reference_path, cfg.reference,
                              False, tmp_path / "out", udf=hangs_once(PairLogprobs, str(marker)))

@@ -1,0 +1,25 @@
+"""The prompts an online round samples from: one per distinct prompt the model sees."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import parse_config
+from pipeline.stages.sample import prompt_pool
+
+
+def test_conversations_ending_in_the_same_question_are_different_prompts(tmp_path):
+    """Multi-turn prompts keep the last turn as `prompt_text` (what a reward reads), so the
+    pool must tell them apart by their tokens, not by that text."""
+    rows = [{"prompt_text": "List three fruits.", "prompt_ids": [1, 2, 3, 9]},
+            {"prompt_text": "List three fruits.", "prompt_ids": [1, 5, 6, 7, 9]},  # other history
+            {"prompt_text": "List three fruits.", "prompt_ids": [1, 2, 3, 9]},    # a duplicate
+            {"prompt_text": "Name two metals.", "prompt_ids": [1, 4, 8]}]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = parse_config({"run_dir": str(tmp_path / "run"), "model": {"policy": str(tmp_path)},
+                        "data": {"train": [str(path)]}})
+    pool = prompt_pool(cfg, path)
+    assert [p["prompt_ids"] for p in pool] == [[1, 2, 3, 9], [1, 5, 6, 7, 9], [1, 4, 8]]
+    assert len({p["prompt_id"] for p in pool}) == 3
