@@ -111,14 +111,22 @@ class _TargetLogSoftmax(torch.autograd.Function):
         return g.to(logits.dtype), None
 
 
-def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor,
-                 targets: torch.Tensor) -> torch.Tensor:
-    return _TargetLogSoftmax.apply(lm_head(hidden), targets)
+def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 collision: bool = False) -> torch.Tensor:
+    logits = lm_head(hidden)
+    logps = _TargetLogSoftmax.apply(logits, targets)
+    if not collision:
+        return logps
+    with torch.no_grad():  # log Σ_v p(v)² of the same logits (WPO's weights), no gradient
+        f = logits.float()
+        log_sq = torch.logsumexp(2.0 * f, dim=-1) - 2.0 * torch.logsumexp(f, dim=-1)
+    return torch.stack([logps, log_sq], dim=-1)
 
 
 def token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int = 4096) -> torch.Tensor:
-    """``log p(targets[i] | hidden[i])`` in float32: hidden [N, H], targets [N] → [N].
+                chunk_size: int = 4096, collision: bool = False) -> torch.Tensor:
+    """``log p(targets[i] | hidden[i])`` in float32: hidden [N, H], targets [N] → [N];
+    with `collision`, [N, 2] whose second column is ``log Σ_v p(v | hidden[i])²`` (detached).
 
     The LM head runs on `chunk_size` rows at a time; under autograd each chunk is
     checkpointed (its logits are recomputed in backward) and the head is called as a module,
@@ -128,10 +136,11 @@ def token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, collision, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(lm_head, h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+            pieces.append(_chunk_logps(lm_head, h, t, collision))
+    empty = (0, 2) if collision else (0,)
+    return torch.cat(pieces) if pieces else hidden.new_zeros(empty, dtype=torch.float32)
 
 
 def _model_mask(attention_mask: Any, dtype: torch.dtype) -> Any:
@@ -149,8 +158,10 @@ def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
                          attention_mask: Any, response_mask: torch.Tensor,
                          position_ids: torch.Tensor | None = None, chunk_size: int = 4096,
                          predict_index: torch.Tensor | None = None,
-                         targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-probs of every response token: shape [N_response], float32.
+                         targets: torch.Tensor | None = None,
+                         collision: bool = False) -> torch.Tensor:
+    """Log-probs of every response token: shape [N_response], float32 ([N_response, 2] with
+    `collision`, see `token_logps`).
 
     Without `predict_index` the order is row-major over `response_mask`; with it (and
     `targets`), the order of `predict_index`."""
@@ -164,7 +175,7 @@ def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
         selected = hidden[:, :-1][response_mask[:, :-1]]
     else:
         selected = hidden.flatten(0, 1)[predict_index]
-    return token_logps(model.get_output_embeddings(), selected, targets, chunk_size)
+    return token_logps(model.get_output_embeddings(), selected, targets, chunk_size, collision)
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int = 4096,
@@ -196,6 +207,7 @@ class ResponseLogps(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Any,
                 response_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 predict_index: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, collision: bool = False) -> torch.Tensor:
         return response_token_logps(self.lm, input_ids, attention_mask, response_mask,
-                                    position_ids, self.chunk_size, predict_index, targets)
+                                    position_ids, self.chunk_size, predict_index, targets,
+                                    collision)
