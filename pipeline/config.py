@@ -336,6 +336,38 @@ def validate_loss(cfg: LossConfig) -> dict[str, Any]:
         raise ConfigError(f"loss.params: {err}") from None
 
 
+def loss_needs(cfg: LossConfig) -> frozenset[str]:
+    """What the configured loss needs (keys of workers.losses.NEEDS), read from the registry."""
+    from workers.losses import loss_needs as registry_needs
+
+    return registry_needs(cfg.name, validate_loss(cfg))
+
+
+# Loss needs that only a sampled round (iterative/online) produces, and why.
+SAMPLED_ONLY_NEEDS = {
+    "win_rates": "the pair stage estimates them from each prompt's sampling.n scored samples",
+}
+
+
+def needs_sampled_rounds(cfg: LossConfig) -> bool:
+    """Whether every round must sample (round 0 too, data.train then gives prompts only)."""
+    return bool(loss_needs(cfg) & SAMPLED_ONLY_NEEDS.keys())
+
+
+def check_loss_needs(cfg: RunConfig) -> None:
+    """Refuse a loss whose needs the round mode cannot meet, naming the need and why."""
+    from workers.losses import NEEDS
+
+    if cfg.rounds.mode != "offline":
+        return
+    for need in sorted(loss_needs(cfg.loss) & SAMPLED_ONLY_NEEDS.keys()):
+        raise ConfigError(
+            f"loss.name: {cfg.loss.name!r} needs {need} ({NEEDS[need]}), which rounds.mode"
+            f" 'offline' cannot produce: it trains on the given pairs only, and"
+            f" {SAMPLED_ONLY_NEEDS[need]}. Use rounds.mode 'iterative' or 'online' (every round"
+            " then samples), or a loss without this need (e.g. sppo_hard for sppo)")
+
+
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     """Validate a config mapping; raise ConfigError naming the source and key paths."""
     if not isinstance(raw, dict):
@@ -346,6 +378,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
         raise ConfigError(_format_errors(err, source)) from None
     try:
         validate_loss(cfg.loss)
+        check_loss_needs(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg

@@ -28,6 +28,8 @@ from pipeline.config import (
     check_paths,
     expand_paths,
     load_config,
+    loss_needs,
+    needs_sampled_rounds,
     with_absolute_paths,
 )
 from pipeline.data import loss_requires_scores
@@ -64,8 +66,10 @@ class Round:
 
     @property
     def sampled(self) -> bool:
-        """Does this round train on fresh on-policy samples (rather than the given pairs)?"""
-        return self.cfg.rounds.mode != "offline" and (self.index > 0 or not self.cfg.data.train)
+        """Does this round train on fresh on-policy samples (rather than the given pairs)?
+        Round 0 does too when the loss needs what only sampled pairs carry (sppo's win rates)."""
+        return self.cfg.rounds.mode != "offline" and (
+            self.index > 0 or not self.cfg.data.train or needs_sampled_rounds(self.cfg.loss))
 
     def stage_path(self, stage: str, output: str) -> Path:
         path = Path(self.done[stage].outputs[output])
@@ -129,8 +133,9 @@ def _reference_inputs(r: Round) -> dict[str, Any]:
     data_key = stable_hash([r.done["prepare"].key, r.done[r.train_source()].key])
     key = cache_key(r.reference_path, r.cfg.model.tokenizer_path, data_key,
                     {"prompt": data.max_prompt_tokens, "response": data.max_response_tokens,
-                     "truncation": data.truncation}, r.cfg.reference.engine.dtype)
-    return {"cache_key": key}
+                     "truncation": data.truncation}, r.cfg.reference.engine.dtype,
+                    kl_pairs="kl_pairs" in loss_needs(r.cfg.loss))
+    return {"cache_key": key, "kl_pairs": "kl_pairs" in loss_needs(r.cfg.loss)}
 
 
 def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +149,7 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     key = inputs["cache_key"]
     cache_root = Path(r.cfg.reference.cache_dir or r.run_dir / "cache" / "reference")
     result = run_reference(splits, key, cache_root, r.reference_path, r.cfg.reference,
-                           r.cfg.model.trust_remote_code)
+                           r.cfg.model.trust_remote_code, kl_pairs=inputs["kl_pairs"])
     console.print(f"  reference log-probs {'from cache' if result['cache_hit'] else 'computed'}:"
                   f" {result['rows']} → {result['cache_dir']}")
     outputs = {s: str(Path(result["cache_dir"]) / s) for s in splits}
@@ -204,7 +209,8 @@ def _evaluate(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
     # Compare with the initial model every round, so KL and win rate add up across rounds.
     metrics = run_evaluate(r.stage_path("reference", "eval"), str(r.stage_path("train", "model_dir")),
-                           r.cfg.model.reference_path, r.cfg, out)
+                           r.cfg.model.reference_path, r.cfg, out,
+                           r.done["train"].outputs.get("final_metrics", {}).get("running_mean"))
     metrics["round"] = r.index
     if r.sink is not None:
         r.sink.log.remote("eval", metrics)

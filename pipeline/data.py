@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import DataConfig, LossConfig, validate_loss
+from pipeline.config import DataConfig, LossConfig, loss_needs
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -46,9 +46,10 @@ class Pair:
 
 
 def loss_requires_scores(loss: LossConfig) -> bool:
-    """Whether every pair needs finite chosen/rejected scores: the loss takes its target from
-    them (e.g. ``principled`` with ``target: scores``). Decided on the driver, passed to prepare."""
-    return validate_loss(loss).get("target") == "scores"
+    """Whether every pair needs finite chosen/rejected scores (the loss declares the need in
+    workers.losses.LOSS_NEEDS, e.g. ``principled`` with ``target: scores``). Decided on the
+    driver, passed to prepare."""
+    return "scores" in loss_needs(loss)
 
 
 def _text(value: Any, field: str) -> Any:

@@ -112,9 +112,16 @@ class _TargetLogSoftmax(torch.autograd.Function):
         return g.to(logits.dtype), None
 
 
-def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor,
-                 targets: torch.Tensor) -> torch.Tensor:
-    return _TargetLogSoftmax.apply(lm_head(hidden), targets)
+def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 collision: bool = False) -> torch.Tensor:
+    logits = lm_head(hidden)
+    logps = _TargetLogSoftmax.apply(logits, targets)
+    if not collision:
+        return logps
+    with torch.no_grad():  # log Σ_v p(v)² of the same logits (WPO's weights), no gradient
+        f = logits.float()
+        log_sq = torch.logsumexp(2.0 * f, dim=-1) - 2.0 * torch.logsumexp(f, dim=-1)
+    return torch.stack([logps, log_sq], dim=-1)
 
 
 def head_calls(max_response_tokens: int, micro_batch_size: int, chunk_size: int) -> int:
@@ -125,8 +132,10 @@ def head_calls(max_response_tokens: int, micro_batch_size: int, chunk_size: int)
 
 
 def token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int = 4096, num_chunks: int | None = None) -> torch.Tensor:
-    """``log p(targets[i] | hidden[i])`` in float32: hidden [N, H], targets [N] → [N].
+                chunk_size: int = 4096, num_chunks: int | None = None,
+                collision: bool = False) -> torch.Tensor:
+    """``log p(targets[i] | hidden[i])`` in float32: hidden [N, H], targets [N] → [N];
+    with `collision`, [N, 2] whose second column is ``log Σ_v p(v | hidden[i])²`` (detached).
 
     The LM head runs on `chunk_size` rows at a time; under autograd each chunk is
     checkpointed (its logits are recomputed in backward) and the head is called as a module,
@@ -153,11 +162,11 @@ def token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     for start, end in bounds:
         h, t = hidden[start:end], targets[start:end]
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, collision, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(lm_head, h, t))
+            pieces.append(_chunk_logps(lm_head, h, t, collision))
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        return hidden.new_zeros((0, 2) if collision else (0,), dtype=torch.float32)
     return torch.cat(pieces)[:n]
 
 
@@ -177,8 +186,10 @@ def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
                          position_ids: torch.Tensor | None = None, chunk_size: int = 4096,
                          predict_index: torch.Tensor | None = None,
                          targets: torch.Tensor | None = None,
-                         num_chunks: int | None = None) -> torch.Tensor:
-    """Log-probs of every response token: shape [N_response], float32.
+                         num_chunks: int | None = None,
+                         collision: bool = False) -> torch.Tensor:
+    """Log-probs of every response token: shape [N_response], float32 ([N_response, 2] with
+    `collision`, see `token_logps`).
 
     Without `predict_index` the order is row-major over `response_mask`; with it (and
     `targets`), the order of `predict_index`. `num_chunks`: see `token_logps`."""
@@ -193,7 +204,7 @@ def response_token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     else:
         selected = hidden.flatten(0, 1)[predict_index]
     return token_logps(model.get_output_embeddings(), selected, targets, chunk_size,
-                       num_chunks)
+                       num_chunks, collision)
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int = 4096,
@@ -229,7 +240,7 @@ class ResponseLogps(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Any,
                 response_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 predict_index: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, collision: bool = False) -> torch.Tensor:
         return response_token_logps(self.lm, input_ids, attention_mask, response_mask,
                                     position_ids, self.chunk_size, predict_index, targets,
-                                    self.head_calls)
+                                    self.head_calls, collision)

@@ -23,7 +23,7 @@ import torch
 from workers.logprobs import ResponseLogps
 from workers.nonfinite import NonFiniteGuard, all_ranks, local_weights_finite
 from workers.packing import attention_mode
-from workers.train_step import pair_loss, rows_to_pairs
+from workers.train_step import RunningMean, pair_loss, rows_to_pairs
 from workers.watchdog import Watchdog, inject_stall, is_permanent
 
 DS_TAG = "deepspeed"  # the DeepSpeed checkpoint tag inside a Ray Train checkpoint
@@ -200,6 +200,11 @@ class LoopState:
     step: int = 0          # optimizer steps done
     cursor: int = 0        # global micro-batches consumed (skipped ones included)
     skipped: int = 0       # micro-batches dropped (the guard counts; saved with the state)
+    running: RunningMean = field(default_factory=RunningMean)  # bco's δ (running stats)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.running, dict):  # restored from a checkpoint's client_state
+            self.running = RunningMean(**self.running)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -283,7 +288,7 @@ def _train(cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None) -> None:
                               row_tokens=cfg.pack_row_tokens)
         pairs.batch = pairs.batch.to(device)
         progress(state.step + 1, "forward")
-        loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params)
+        loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params, state.running)
         progress(state.step + 1, "loss check")
         if not all_ranks(bool(torch.isfinite(loss.detach())), device):
             guard.record("loss", state.step + 1, ids)
@@ -334,6 +339,7 @@ def _train(cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None) -> None:
         return
     _export_hf(engine, tokenizer, cfg, rank, {"step": state.step,
                                               "nonfinite_skipped": guard.skipped,
+                                              "running_mean": state.running.mean,
                                               "data_exhausted": state.step < cfg.optimizer_steps})
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pyarrow as pa
 
-
 START_TIMEOUT_FACTOR = 3  # an engine start (load, compile, KV cache) may take longer than a call
 
 
@@ -105,6 +104,29 @@ class Engine:
             result.append([out.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))])
         return result
 
+    def sequence_collisions(self, prompts: Sequence[Sequence[int]],
+                            responses: Sequence[Sequence[int]], top_k: int = 20
+                            ) -> list[list[float]]:
+        """Per response token, log Σ_v p(v)² over the `top_k` most likely tokens and the
+        actual one (vLLM returns no more): a lower bound of WPO's log Σ_v p(v)², exact when
+        the rest of the vocabulary holds next to no mass."""
+        import math
+
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        full = [_ints(p) + _ints(r) for p, r in zip(prompts, responses)]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0,
+                                detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params,
+                                 use_tqdm=False)
+        result = []
+        for out, ids, prompt in zip(outs, full, prompts):
+            steps = out.prompt_logprobs[len(prompt):len(ids)]
+            result.append([math.log(sum(math.exp(2.0 * lp.logprob) for lp in step.values()))
+                           for step in steps])
+        return result
+
     def sample(self, prompts: Sequence[Sequence[int]], n: int, temperature: float, top_p: float,
                max_tokens: int, seed: int) -> list[list[tuple[list[int], float, str]]]:
         """n samples per prompt: (token ids, summed log-prob, text)."""
@@ -174,13 +196,17 @@ class PairLogprobs:
 
     Adds columns `<prefix>_chosen_logp`, `<prefix>_rejected_logp`, `<prefix>_chosen_prefix_logp`,
     `<prefix>_rejected_prefix_logp` (sum over the first min(|y_w|, |y_l|) tokens, for LD-DPO),
-    `chosen_len`, `rejected_len`.
+    `chosen_len`, `rejected_len`. With `kl_pairs` (losses that need mismatched completions,
+    kto), also `kl_chosen_ids`/`kl_rejected_ids`: each row's prompt is paired with the
+    previous row's chosen and rejected responses in the batch (TRL's roll by one; a batch of
+    one row keeps its own), and `<prefix>_kl_chosen_logp`/`<prefix>_kl_rejected_logp`.
     """
 
     def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
-                 prefix: str = "ref"):
+                 prefix: str = "ref", kl_pairs: bool = False):
         self.engine = Engine(model_path, engine, trust_remote_code)
         self.prefix = prefix
+        self.kl_pairs = kl_pairs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.column("prompt_ids").to_pylist()
@@ -198,6 +224,14 @@ class PairLogprobs:
             batch = batch.append_column(name, pa.array(values, pa.float64()))
         for name, values in (("chosen_len", chosen), ("rejected_len", rejected)):
             batch = batch.append_column(name, pa.array([len(x) for x in values], pa.int64()))
+        if self.kl_pairs:
+            for side in ("chosen", "rejected"):
+                ids = batch.column(f"{side}_ids").to_pylist()
+                ids = ids[-1:] + ids[:-1]
+                kl = self.engine.sequence_logprobs(prompts, ids)
+                batch = batch.append_column(f"kl_{side}_ids", pa.array(ids, pa.list_(pa.int32())))
+                batch = batch.append_column(f"{p}_kl_{side}_logp",
+                                            pa.array([sum(x) for x in kl], pa.float64()))
         return batch
 
 

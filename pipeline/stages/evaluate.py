@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import PoolConfig, RunConfig, validate_loss
+from pipeline.config import LossConfig, PoolConfig, RunConfig, loss_needs, validate_loss
 from workers.rewards import load_reward_fn
 
 
@@ -54,15 +54,72 @@ def _kill(actors) -> None:
         ray.kill(a)
 
 
-def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: RunConfig,
-                 out_dir: Path) -> dict[str, float]:
+def eval_pair_logps(pairs: list[dict[str, Any]], pol_c: list[list[float]],
+                    pol_r: list[list[float]], needs: frozenset[str],
+                    pol_kl: tuple[list[list[float]], list[list[float]]] | None = None,
+                    pol_sq: tuple[list[list[float]], list[list[float]]] | None = None,
+                    running_mean: float | None = None):
+    """The eval pairs as a PairLogps with what the loss `needs`: per-token policy log-probs
+    `pol_c`/`pol_r` (chosen, rejected), the reference columns of the reference stage, prefix
+    sums (ld_dpo), the mismatched completions' policy log-probs `pol_kl` (kto), per-token
+    log Σ_v p(v)² `pol_sq` (wpo), training's final running mean (bco). An eval pair is a
+    labelled pair, so each response's win rate against the other (sppo) is 1 and 0."""
     import torch
 
-    from workers.losses import PairLogps, compute_loss
+    from workers.losses import PairLogps
 
+    f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)
+    shared = [min(len(c), len(r)) for c, r in zip(pol_c, pol_r)]
+    logps = PairLogps(
+        policy_chosen=f64([sum(x) for x in pol_c]), policy_rejected=f64([sum(x) for x in pol_r]),
+        ref_chosen=f64([p["ref_chosen_logp"] for p in pairs]),
+        ref_rejected=f64([p["ref_rejected_logp"] for p in pairs]),
+        chosen_len=f64([len(x) for x in pol_c]), rejected_len=f64([len(x) for x in pol_r]),
+        chosen_score=f64([p["chosen_score"] for p in pairs]),
+        rejected_score=f64([p["rejected_score"] for p in pairs]),
+        policy_chosen_prefix=f64([sum(x[:k]) for x, k in zip(pol_c, shared)]),
+        policy_rejected_prefix=f64([sum(x[:k]) for x, k in zip(pol_r, shared)]),
+        ref_chosen_prefix=f64([p["ref_chosen_prefix_logp"] for p in pairs]),
+        ref_rejected_prefix=f64([p["ref_rejected_prefix_logp"] for p in pairs]),
+    )
+    if torch.isnan(logps.chosen_score).any() or torch.isnan(logps.rejected_score).any():
+        logps.chosen_score = logps.rejected_score = None
+    if "win_rates" in needs:
+        logps.chosen_winrate, logps.rejected_winrate = f64([1.0] * len(pairs)), f64([0.0] * len(pairs))
+    if "token_stats" in needs:
+        logw = [[sum(t - q for t, q in zip(ts, qs)) / max(len(ts), 1)
+                 for ts, qs in zip(tokens, sq)] for tokens, sq in zip((pol_c, pol_r), pol_sq)]
+        logps.chosen_wpo_logw, logps.rejected_wpo_logw = f64(logw[0]), f64(logw[1])
+    if "kl_pairs" in needs:
+        logps.kl_policy = f64([sum(x) for side in pol_kl for x in side])
+        logps.kl_ref = f64([p[f"ref_kl_{side}_logp"] for side in ("chosen", "rejected")
+                            for p in pairs])
+    if "running_stats" in needs:
+        if running_mean is None:
+            raise ValueError("the loss needs training's running mean (train stage output"
+                             " final_metrics.running_mean), which is missing")
+        logps.bco_delta = running_mean
+    return logps
+
+
+def eval_loss_metrics(loss_cfg: LossConfig, logps) -> dict[str, float]:
+    """The loss and its metrics on the eval pairs, prefixed eval/."""
+    from workers.losses import compute_loss
+
+    loss = compute_loss(loss_cfg.name, logps, **validate_loss(loss_cfg))
+    metrics = {f"eval/{k}": v for k, v in loss.metrics.items()}
+    metrics["eval/loss"] = float(loss.mean())
+    metrics["eval/ref_ranking_accuracy"] = float((logps.ref_chosen > logps.ref_rejected).double().mean())
+    return metrics
+
+
+def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: RunConfig,
+                 out_dir: Path, running_mean: float | None = None) -> dict[str, float]:
+    """`running_mean`: the train stage's final running mean (losses that need running stats)."""
     pairs = pq.read_table(str(eval_dir)).to_pylist()
     if cfg.eval.max_pairs:
         pairs = pairs[: cfg.eval.max_pairs]
+    needs = loss_needs(cfg.loss)
     prompts: dict[str, tuple[list[int], str]] = {}
     for p in pairs:
         prompts.setdefault(p["prompt_text"], (p["prompt_ids"], p["prompt_text"]))
@@ -77,8 +134,16 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
 
     actors, pool = _engine_pool(policy_path, cfg.sampling, trc, s.seed)
     prompt_col = [p["prompt_ids"] for p in pairs]
-    pol_c = _map(pool, "sequence_logprobs", size, len(pairs), prompt_col, [p["chosen_ids"] for p in pairs])
-    pol_r = _map(pool, "sequence_logprobs", size, len(pairs), prompt_col, [p["rejected_ids"] for p in pairs])
+    sides = {side: [p[f"{side}_ids"] for p in pairs] for side in ("chosen", "rejected")}
+    pol_c = _map(pool, "sequence_logprobs", size, len(pairs), prompt_col, sides["chosen"])
+    pol_r = _map(pool, "sequence_logprobs", size, len(pairs), prompt_col, sides["rejected"])
+    pol_kl = pol_sq = None
+    if "kl_pairs" in needs:
+        pol_kl = tuple(_map(pool, "sequence_logprobs", size, len(pairs), prompt_col,
+                            [p[f"kl_{side}_ids"] for p in pairs]) for side in ("chosen", "rejected"))
+    if "token_stats" in needs:
+        pol_sq = tuple(_map(pool, "sequence_collisions", size, len(pairs), prompt_col, sides[side])
+                       for side in ("chosen", "rejected"))
     pol_samples = [x[0] for x in _map(pool, "sample", size, len(p_ids), p_ids, **sample_kw)] if p_ids else []
     _kill(actors)
     actors, pool = _engine_pool(reference_path, cfg.sampling, trc, s.seed)
@@ -87,21 +152,8 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
                       [x[0] for x in pol_samples]) if p_ids else []
     _kill(actors)
 
-    f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)
-    logps = PairLogps(
-        policy_chosen=f64([sum(x) for x in pol_c]), policy_rejected=f64([sum(x) for x in pol_r]),
-        ref_chosen=f64([p["ref_chosen_logp"] for p in pairs]),
-        ref_rejected=f64([p["ref_rejected_logp"] for p in pairs]),
-        chosen_len=f64([len(x) for x in pol_c]), rejected_len=f64([len(x) for x in pol_r]),
-        chosen_score=f64([p["chosen_score"] for p in pairs]),
-        rejected_score=f64([p["rejected_score"] for p in pairs]),
-    )
-    if torch.isnan(logps.chosen_score).any() or torch.isnan(logps.rejected_score).any():
-        logps.chosen_score = logps.rejected_score = None
-    loss = compute_loss(cfg.loss.name, logps, **validate_loss(cfg.loss))
-    metrics = {f"eval/{k}": v for k, v in loss.metrics.items()}
-    metrics["eval/loss"] = float(loss.mean())
-    metrics["eval/ref_ranking_accuracy"] = float((logps.ref_chosen > logps.ref_rejected).double().mean())
+    logps = eval_pair_logps(pairs, pol_c, pol_r, needs, pol_kl, pol_sq, running_mean)
+    metrics = eval_loss_metrics(cfg.loss, logps)
     metrics["eval/pairs"] = len(pairs)
     if p_ids:
         kl = np.array([x[1] - sum(r) for x, r in zip(pol_samples, ref_of_pol)])

@@ -18,10 +18,12 @@ from pipeline.manifest import Manifest, model_digest, stable_hash, write_json_at
 
 
 def cache_key(reference_path: str, tokenizer_path: str, data_key: str, lengths: dict[str, Any],
-              engine_dtype: str) -> str:
+              engine_dtype: str, kl_pairs: bool = False) -> str:
+    """`kl_pairs`: the mismatched-completion columns are computed too (see PairLogprobs)."""
     return stable_hash({"reference": model_digest(reference_path),
                         "tokenizer": model_digest(tokenizer_path), "data": data_key,
-                        "lengths": lengths, "dtype": engine_dtype})
+                        "lengths": lengths, "dtype": engine_dtype,
+                        **({"kl_pairs": True} if kl_pairs else {})})
 
 
 def pool_map_args(pool: PoolConfig) -> dict[str, Any]:
@@ -34,8 +36,10 @@ def pool_map_args(pool: PoolConfig) -> dict[str, Any]:
 
 
 def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolConfig,
-                      trust_remote_code: bool, out_dir: Path, udf: type | None = None) -> dict[str, int]:
-    """For each split's pairs.parquet write out_dir/<split>/ (parquet) with ref columns.
+                      trust_remote_code: bool, out_dir: Path, udf: type | None = None,
+                      kl_pairs: bool = False) -> dict[str, int]:
+    """For each split's pairs.parquet write out_dir/<split>/ (parquet) with ref columns
+    (and the mismatched completions' with `kl_pairs`).
 
     `udf` replaces the engine actor class (default `workers.vllm_pool.PairLogprobs`)."""
     import ray
@@ -59,7 +63,7 @@ def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolCo
         for name, path in splits.items()]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     ds = ds.map_batches(udf or PairLogprobs, fn_constructor_args=(reference_path, pool.engine.model_dump(),
-                                                           trust_remote_code, "ref"),
+                                                           trust_remote_code, "ref", kl_pairs),
                         batch_format="pyarrow", **pool_map_args(pool)).materialize()
     rows = {}
     for name in splits:
@@ -71,7 +75,8 @@ def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolCo
 
 
 def run_reference(splits: dict[str, Path], key: str, cache_root: Path, reference_path: str,
-                  pool: PoolConfig, trust_remote_code: bool) -> dict[str, Any]:
+                  pool: PoolConfig, trust_remote_code: bool, kl_pairs: bool = False
+                  ) -> dict[str, Any]:
     """Cached reference log-probs: returns {'cache_dir', 'rows', 'cache_hit'}."""
     target = cache_root / key
     done = Manifest.read(target)
@@ -80,7 +85,8 @@ def run_reference(splits: dict[str, Path], key: str, cache_root: Path, reference
     tmp = cache_root / f"{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    rows = compute_reference(splits, reference_path, pool, trust_remote_code, tmp)
+    rows = compute_reference(splits, reference_path, pool, trust_remote_code, tmp,
+                             kl_pairs=kl_pairs)
     write_json_atomic(tmp / "manifest.json", Manifest("reference-cache", key, {}, {"rows": rows},
                                                       0.0, 0.0).__dict__)
     shutil.rmtree(target, ignore_errors=True)

@@ -189,3 +189,63 @@ def test_packed_shared_prompt_training_matches_padded(pairs_dir, make_config, tm
     print(f"loss curves: {curves}")
     for a, b in zip(curves["padded"], curves["shared"], strict=True):
         assert abs(a - b) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def kl_pairs_dir(pairs_dir, toy_world, tmp_path_factory):
+    """The pairs with the reference stage's mismatched-completion columns (kto): each pair's
+    prompt with the previous pair's responses; their reference log-prob is the initial
+    policy's minus an offset of 0..15 nats, so each KL term starts at that offset."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workers.logprobs import ResponseLogps
+    from workers.train_step import policy_pair_logps, rows_to_pairs
+
+    table = pq.read_table(pairs_dir)
+    for side in ("chosen", "rejected"):
+        ids = table[f"{side}_ids"].to_pylist()
+        table = table.append_column(f"kl_{side}_ids", pa.array(ids[-1:] + ids[:-1],
+                                                               pa.list_(pa.int32())))
+    model = AutoModelForCausalLM.from_pretrained(toy_world.model_dir, dtype=torch.float32)
+    rows = {k: table[k].to_pylist() for k in ("prompt_ids", "kl_chosen_ids", "kl_rejected_ids")}
+    with torch.no_grad():
+        logps = policy_pair_logps(ResponseLogps(model), rows_to_pairs(
+            {"prompt_ids": rows["prompt_ids"], "chosen_ids": rows["kl_chosen_ids"],
+             "rejected_ids": rows["kl_rejected_ids"]}, pad_id=0))
+    offset = torch.arange(table.num_rows, dtype=torch.float64) % 16
+    for side, logp in (("chosen", logps.policy_chosen), ("rejected", logps.policy_rejected)):
+        table = table.append_column(f"ref_kl_{side}_logp",
+                                    pa.array((logp.double() - offset).tolist(), pa.float64()))
+    out = tmp_path_factory.mktemp("pairs-with-kl")
+    pq.write_table(table, out / "part-0.parquet")
+    return out
+
+
+@pytest.mark.parametrize("loss", ["kto", "wpo", "bco"])
+def test_losses_with_policy_side_needs_train_through_zero3(loss, kl_pairs_dir, make_config,
+                                                            tmp_path):
+    """kto (KL terms of mismatched completions, gathered across ranks), wpo (weights from
+    the policy's token distribution) and bco (running δ all-reduced across ranks) train
+    through 2 Ray Train × ZeRO-3 workers. kto's and bco's first-step loss equals a 1-worker
+    run over the same global batch, which holds only if the statistics span both ranks."""
+    first = {}
+    for workers in (2,) if loss == "wpo" else (2, 1):
+        cfg = make_config(tmp_path / f"cfg{workers}", loss={"name": loss, "params": {}},
+                          train={"num_workers": workers, "micro_batch_size": 4 // workers,
+                                 "global_batch_size": GLOBAL_BATCH, "learning_rate": 1e-4,
+                                 "warmup_ratio": 0.0, "lr_schedule": "constant",
+                                 "max_steps": 3 if workers == 2 else 1})
+        result, rows, _ = train(cfg, kl_pairs_dir, tmp_path, f"{loss}-{workers}")
+        assert result["steps_done"] == (3 if workers == 2 else 1)
+        assert rows and all(math.isfinite(r["loss"]) for r in rows)
+        first[workers] = rows[0]
+    print(f"{loss} first steps: {first}")
+    if loss == "kto":
+        assert first[2]["kto/kl"] > 0
+    if loss == "wpo":
+        assert 0 < first[2]["wpo/weight_mean"] < 1
+    if loss == "bco":
+        assert result["final_metrics"]["running_mean"] != 0
+    if loss in ("kto", "bco"):
+        assert abs(first[2]["loss"] - first[1]["loss"]) < 1e-4

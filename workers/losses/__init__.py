@@ -73,15 +73,50 @@ LOSSES: dict[str, LossFn] = {
     "bco": bco,
 }
 
+# What each loss needs besides the policy's summed log-probs and token counts. The pipeline
+# produces each need somewhere (pipeline.config.NEED_SOURCES says where, and which round
+# modes cannot); config validation refuses a loss whose needs the round mode cannot meet.
+NEEDS: dict[str, str] = {
+    "reference": "reference log-probs ref_chosen/ref_rejected (the reference stage)",
+    "scores": "finite chosen/rejected scores on every pair",
+    "kl_pairs": "log-probs of mismatched completions (kl_policy, kl_ref) for the KL estimate",
+    "token_stats": "per-token statistics of the policy's distribution (chosen/rejected_wpo_logw)",
+    "prefix": "log-probs of the first min(|y_w|, |y_l|) response tokens (policy and reference)",
+    "win_rates": "win rates P̂(y ≻ π_t | x) of each response (chosen/rejected_winrate)",
+    "running_stats": "a running mean of the batch rewards, kept across steps (bco_delta)",
+}
+_REF = frozenset({"reference"})
+LossNeeds = frozenset[str] | Callable[[Mapping[str, Any]], frozenset[str]]
+LOSS_NEEDS: dict[str, LossNeeds] = {
+    **{name: _REF for name in LOSSES},
+    "simpo": frozenset(), "cpo": frozenset(), "orpo": frozenset(), "sft": frozenset(),
+    "principled": lambda p: _REF | ({"scores"} if p["target"] == "scores" else set()),
+    "wpo": _REF | {"token_stats"},
+    "ld_dpo": _REF | {"prefix"},
+    "sppo": _REF | {"win_rates"},
+    "kto": _REF | {"kl_pairs"},
+    "bco": _REF | {"running_stats"},
+}
+
 __all__ = [
     "LOSSES",
+    "LOSS_NEEDS",
+    "NEEDS",
     "LossInputError",
     "LossOutput",
     "PairLogps",
     "compute_loss",
+    "loss_needs",
     "loss_params",
     "resolve_params",
 ]
+
+
+def loss_needs(name: str, params: Mapping[str, Any]) -> frozenset[str]:
+    """What loss `name` with resolved `params` needs (keys of NEEDS)."""
+    _lookup(name)
+    needs = LOSS_NEEDS[name]
+    return frozenset(needs(params) if callable(needs) else needs)
 
 
 def loss_params(name: str) -> dict[str, Any]:
