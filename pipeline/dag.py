@@ -25,6 +25,7 @@ from rich.table import Table
 from pipeline.config import (
     ConfigError,
     RunConfig,
+    TrainConfig,
     check_paths,
     expand_paths,
     load_config,
@@ -153,7 +154,8 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 def _train_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     return {"reference": r.done["reference"].key, "policy": r.policy_key(),
-            "train": cfg.train.model_dump(), "loss": cfg.loss.model_dump(),
+            "train": cfg.train.model_dump(exclude=set(TrainConfig.SCHEDULING_ONLY)),
+            "loss": cfg.loss.model_dump(),
             "curriculum": cfg.rounds.curriculum and r.sampled}
 
 
@@ -263,6 +265,11 @@ SAMPLED_ROUND = [
 
 # --- driver ----------------------------------------------------------------------------
 
+def stage_key(name: str, inputs: dict[str, Any]) -> str:
+    """The key a stage's manifest must hold for the stage to be skipped."""
+    return stable_hash({"stage": name, "inputs": inputs})
+
+
 def run_stages(r: Round, stages: list[Stage]) -> None:
     for stage in stages:
         if stage.name == "evaluate" and not r.cfg.data.eval:
@@ -270,7 +277,7 @@ def run_stages(r: Round, stages: list[Stage]) -> None:
         if stage.name in r.done:  # inherited from round 0 (prepare)
             continue
         inputs = stage.key_inputs(r)
-        key = stable_hash({"stage": stage.name, "inputs": inputs})
+        key = stage_key(stage.name, inputs)
         stage_dir = r.dir / stage.name
         done = finished(stage_dir, key)
         r.stage_dirs[stage.name] = stage_dir

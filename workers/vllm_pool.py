@@ -22,7 +22,9 @@ class Engine:
 
     def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
                  seed: int = 0):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("kv_cache_space_gib", 1)))
+        # This pool's own KV-cache size (each actor is its own process; vLLM reads it when the
+        # engine is built, and an engine-core child process inherits it).
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.get("kv_cache_space_gib", 1))
         from vllm import LLM
 
         # safetensors only: pipeline.config refuses another load_format unless the config
