@@ -91,6 +91,11 @@ class DataConfig(_Section):
         "quarantine", description="Text holding the tokenizer's special tokens (e.g."
         " '<|im_start|>system') would inject roles into the chat template: quarantine the row,"
         " or allow it.")
+    control_characters: Literal["keep", "strip", "quarantine"] = Field(
+        "keep", description="Form feeds, vertical tabs, DEL, stray C1 and the other C0 controls"
+        " (not tab/newline/CR): keep them, strip them (line-breaking ones become a newline), or"
+        " quarantine the row. NUL and terminal escapes (ESC, 8-bit CSI/OSC/DCS/...) are always"
+        " quarantined.")
 
 
 class LossConfig(_Section):
