@@ -285,6 +285,9 @@ class RewardConfig(ActorPoolConfig):
             raise ValueError(f"reward.kind '{self.kind}' needs reward.model (a model path)")
         if self.function and ":" not in self.function:
             raise ValueError(f"reward.function must be 'module:function', got {self.function!r}")
+        if self.kind == "judge" and "batch_size" in self.model_fields_set:
+            raise ValueError("reward.batch_size does not apply to kind 'judge' (it is called"
+                             " once per prompt, on all of that prompt's samples)")
         return self
 
 

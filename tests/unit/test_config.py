@@ -61,6 +61,8 @@ def test_defaults_resolve():
      "train.offload_params needs zero_stage: 3"),
     # removed keys (never read): an old config that sets them is told so
     (with_("model.dtype", "float32"), "model.dtype: unknown key"),
+    (with_("reward", {"kind": "judge", "model": "j", "batch_size": 8}),
+     "reward.batch_size does not apply to kind 'judge'"),
     (with_("data.shuffle_seed", 0), "data.shuffle_seed: unknown key"),
 ])
 def test_bad_configs_name_the_key(raw, fragment):
