@@ -80,7 +80,7 @@ def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespac
     from pipeline.stages.train import run_train
 
     cfg = parse_config({
-        "model": {"policy": str(model_path), "dtype": "float32"},
+        "model": {"policy": str(model_path)},
         "data": {"train": [str(data)], "max_prompt_tokens": 64, "max_response_tokens": 64},
         "loss": {"name": "sigmoid", "params": {"beta": BETA}},
         "train": {"num_workers": workers, "cpus_per_worker": 2 / workers,

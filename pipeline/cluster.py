@@ -19,8 +19,10 @@ WORKER_ENV_DEFAULTS = {
     # CPU: the vLLM engine core runs inside its actor (starts ~3x faster than a child process)
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
+# (VLLM_CPU_KVCACHE_SPACE is not among them: each pool sets its own engine.kv_cache_space_gib,
+# see workers.vllm_pool.Engine.)
 PASS_THROUGH = ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "HF_HOME", "PYTHONPATH",
-                "VLLM_CPU_KVCACHE_SPACE", "RAY_AUTH_MODE")
+                "RAY_AUTH_MODE")
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
@@ -28,7 +30,6 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     if cfg.train.gpus_per_worker > 0 or cfg.reference.gpus_per_actor > 0:
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda")
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.reference.engine.kv_cache_space_gib)
     env.update({k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
     return env
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -45,7 +45,6 @@ class ModelConfig(_Section):
     policy: str = Field(description="HF model directory (or hub id) of the initial policy.")
     reference: str | None = Field(None, description="Reference model; defaults to the policy.")
     tokenizer: str | None = Field(None, description="Tokenizer; defaults to the policy's.")
-    dtype: Dtype = "auto"
     trust_remote_code: bool = False
     allow_pickle_weights: bool = Field(
         False, description="Accept .bin/.pt (pickle) checkpoints; safetensors only otherwise."
@@ -92,7 +91,11 @@ class DataConfig(_Section):
         "quarantine", description="Text holding the tokenizer's special tokens (e.g."
         " '<|im_start|>system') would inject roles into the chat template: quarantine the row,"
         " or allow it.")
-    shuffle_seed: int = 0
+    control_characters: Literal["keep", "strip", "quarantine"] = Field(
+        "keep", description="Form feeds, vertical tabs, DEL, stray C1 and the other C0 controls"
+        " (not tab/newline/CR): keep them, strip them (line-breaking ones become a newline), or"
+        " quarantine the row. NUL and terminal escapes (ESC, 8-bit CSI/OSC/DCS/...) are always"
+        " quarantined.")
 
 
 class LossConfig(_Section):
@@ -101,6 +104,12 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
+    # Fields that only say where and how robustly training is scheduled, never what it
+    # computes: the train stage's key leaves them out, so changing them does not retrain.
+    SCHEDULING_ONLY: ClassVar[frozenset[str]] = frozenset({
+        "cpus_per_worker", "placement_strategy", "resources", "checkpoint_every",
+        "max_failures", "stall_timeout_s"})
+
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, ge=0)
     gpus_per_worker: float = Field(0, ge=0)
@@ -117,7 +126,14 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    optimizer: Literal["adamw", "cpu_adam"] = "adamw"
+    optimizer: Literal["adamw", "cpu_adam"] = Field(
+        "adamw", description="adamw: torch AdamW on the workers' device. cpu_adam: DeepSpeed's"
+        " CPU Adam with ZeRO-Offload (optimizer states and the update in host memory; needs"
+        " zero_stage >= 1).")
+    offload_params: bool = Field(
+        False, description="ZeRO-3 parameter offload: parameter partitions live in host memory"
+        " and are fetched per layer (needs zero_stage: 3). With cpu_adam, a 7B policy fits small"
+        " GPUs.")
     gradient_checkpointing: bool = False
     packing: bool = False
     attention: Literal["auto", "sdpa", "eager", "flex", "flash"] = Field(
@@ -164,6 +180,16 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainConfig:
+        if self.optimizer == "cpu_adam" and self.zero_stage == 0:
+            raise ValueError("train.optimizer: cpu_adam offloads the ZeRO optimizer partitions:"
+                             " it needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"train.offload_params needs zero_stage: 3 (only ZeRO-3 partitions"
+                             f" parameters), got zero_stage: {self.zero_stage}")
+        return self
+
+    @model_validator(mode="after")
     def _share_prompt_needs_packing(self) -> TrainConfig:
         if self.share_prompt and not self.packing:
             raise ValueError("train.share_prompt needs train.packing: true")
@@ -185,7 +211,8 @@ class EngineConfig(_Section):
     enforce_eager: bool = True
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
-    kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    kv_cache_space_gib: int = Field(1, ge=1, description="KV-cache size of each engine of this"
+                                    " pool on CPU (VLLM_CPU_KVCACHE_SPACE, set per actor).")
     call_timeout_s: float = Field(
         300, gt=0, description="An engine call (one batch) that does not return within this"
         " (an engine start: 3x this) ends its actor with a report of where it was stuck; the"
@@ -193,16 +220,21 @@ class EngineConfig(_Section):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
-class PoolConfig(_Section):
-    """A pool of vLLM engine actors (one engine per actor)."""
+class ActorPoolConfig(_Section):
+    """A pool of Ray Data actors: how many, and what each asks Ray for."""
 
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1, ge=0)
     gpus_per_actor: float = Field(0, ge=0)
     batch_size: int = Field(32, ge=1, description="Rows per actor call.")
-    engine: EngineConfig = Field(default_factory=EngineConfig)
     resources: CustomResources = Field(
         default_factory=dict, description="Custom Ray resources per actor, e.g. {gpu_node: 0.01}.")
+
+
+class PoolConfig(ActorPoolConfig):
+    """A pool of vLLM engine actors (one engine per actor)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
 class ReferencePoolConfig(PoolConfig):
@@ -245,14 +277,14 @@ class RoundsConfig(_Section):
     seed: int = 0
 
 
-class RewardConfig(_Section):
+class RewardConfig(ActorPoolConfig):
+    """The score stage's scorer actors (a function, a reward model or a judge per actor);
+    a judge's vLLM engine takes its arguments from sampling.engine. batch_size: samples per
+    call (a judge is called once per prompt, on all its samples)."""
+
     kind: Literal["function", "reward_model", "judge"] = "function"
     function: str | None = Field(None, description="'module:function' taking (prompts, responses).")
     model: str | None = Field(None, description="Reward model or judge model path.")
-    batch_size: int = Field(32, ge=1)
-    num_actors: int = Field(1, ge=1, description="Reward-model / judge actors.")
-    cpus_per_actor: float = Field(1, ge=0)
-    gpus_per_actor: float = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _needs_target(self) -> RewardConfig:
@@ -262,6 +294,9 @@ class RewardConfig(_Section):
             raise ValueError(f"reward.kind '{self.kind}' needs reward.model (a model path)")
         if self.function and ":" not in self.function:
             raise ValueError(f"reward.function must be 'module:function', got {self.function!r}")
+        if self.kind == "judge" and "batch_size" in self.model_fields_set:
+            raise ValueError("reward.batch_size does not apply to kind 'judge' (it is called"
+                             " once per prompt, on all of that prompt's samples)")
         return self
 
 

@@ -25,6 +25,7 @@ from rich.table import Table
 from pipeline.config import (
     ConfigError,
     RunConfig,
+    TrainConfig,
     check_paths,
     expand_paths,
     load_config,
@@ -98,6 +99,10 @@ class Stage:
 
 # --- stage definitions -------------------------------------------------------------------
 
+# engine settings that change when a stuck call is given up, never what the engine computes
+SCHEDULING_ONLY_ENGINE = {"engine": {"call_timeout_s"}}
+
+
 def _prepare_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     files = {"train": expand_paths(cfg.data.train, "data.train"),
@@ -159,7 +164,8 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 def _train_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     return {"reference": r.done["reference"].key, "policy": r.policy_key(),
-            "train": cfg.train.model_dump(), "loss": cfg.loss.model_dump(),
+            "train": cfg.train.model_dump(exclude=set(TrainConfig.SCHEDULING_ONLY)),
+            "loss": cfg.loss.model_dump(),
             "curriculum": cfg.rounds.curriculum and r.sampled}
 
 
@@ -200,7 +206,7 @@ def _evaluate_inputs(r: Round) -> dict[str, Any]:
     return {"model": trained_digest(r),
             "reference": r.done["reference"].key,
             "eval": cfg.eval.model_dump(),
-            "sampling": cfg.sampling.model_dump(),
+            "sampling": cfg.sampling.model_dump(exclude=SCHEDULING_ONLY_ENGINE),
             "reward": cfg.reward.model_dump() if cfg.reward else None}
 
 
@@ -222,7 +228,7 @@ def _sample_inputs(r: Round) -> dict[str, Any]:
     prompt_files = expand_paths(cfg.rounds.prompts, "rounds.prompts")
     return {"policy": r.policy_key(), "round": r.index,
             "prompts": files_digest(prompt_files) if prompt_files else r.done["prepare"].key,
-            "sampling": cfg.sampling.model_dump(),
+            "sampling": cfg.sampling.model_dump(exclude=SCHEDULING_ONLY_ENGINE),
             "rounds": cfg.rounds.model_dump(include={"mode", "prompts_per_round", "seed"})}
 
 
@@ -283,6 +289,11 @@ SAMPLED_ROUND = [
 
 # --- driver ----------------------------------------------------------------------------
 
+def stage_key(name: str, inputs: dict[str, Any]) -> str:
+    """The key a stage's manifest must hold for the stage to be skipped."""
+    return stable_hash({"stage": name, "inputs": inputs})
+
+
 def run_stages(r: Round, stages: list[Stage]) -> None:
     for stage in stages:
         if stage.name == "evaluate" and not r.cfg.data.eval:
@@ -290,7 +301,7 @@ def run_stages(r: Round, stages: list[Stage]) -> None:
         if stage.name in r.done:  # inherited from round 0 (prepare)
             continue
         inputs = stage.key_inputs(r)
-        key = stable_hash({"stage": stage.name, "inputs": inputs})
+        key = stage_key(stage.name, inputs)
         stage_dir = r.dir / stage.name
         done = finished(stage_dir, key)
         r.stage_dirs[stage.name] = stage_dir

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,16 +102,45 @@ def _response(value: Any, prompt: Messages | None, field: str) -> tuple[str, Mes
     return msgs[-1]["content"], head or None
 
 
-# C0 controls other than tab/newline/carriage return, DEL, and the C1 controls: no text
-# dataset means them; they are binary junk or terminal escape sequences.
-_CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)} | set(range(0x7F, 0xA0))
+# Control characters. Always refused: NUL (binary junk) and what starts a terminal control
+# sequence, ESC and its 8-bit C1 forms (DCS, SOS, CSI, OSC, PM, APC), which can rewrite what a
+# terminal or log viewer shows. The other C0 controls (tab, newline and CR are plain text),
+# DEL and the other C1 controls (form feeds, vertical tabs, stray C1 from text mis-decoded
+# as Latin-1) follow data.control_characters: keep, strip or quarantine.
+_REFUSED = {0x00, 0x1B, 0x90, 0x98, 0x9B, 0x9D, 0x9E, 0x9F}
+_SOFT = ({c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)} | set(range(0x7F, 0xA0))) - _REFUSED
+_LINE_BREAKS = {0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x85}  # str.splitlines' breaks: strip → "\n"
+_STRIP = {c: "\n" if c in _LINE_BREAKS else None for c in _SOFT}
 
 
-def _plain_text(text: str, field: str) -> None:
-    bad = next((i for i, ch in enumerate(text) if ord(ch) in _CONTROL), None)
-    if bad is not None:
-        raise BadRow("control_characters",
-                     f"{field}: control character U+{ord(text[bad]):04X} at offset {bad}")
+def _char_class(codes: set[int]) -> re.Pattern[str]:
+    return re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(codes)) + "]")
+
+
+_REFUSED_RE, _ANY_CONTROL_RE = _char_class(_REFUSED), _char_class(_REFUSED | _SOFT)
+
+
+def _plain_text(text: str, field: str, policy: str) -> str:
+    """The text under data.control_characters (stripped or as is), or BadRow."""
+    found = (_ANY_CONTROL_RE if policy == "quarantine" else _REFUSED_RE).search(text)
+    if found is not None:
+        code, at = ord(found.group()), found.start()
+        why = "" if code in _REFUSED else " (data.control_characters: keep or strip accepts it)"
+        raise BadRow("control_characters", f"{field}: control character U+{code:04X} at offset"
+                     f" {at}{why}")
+    return text.translate(_STRIP) if policy == "strip" else text
+
+
+def _controls(prompt: str | Messages, chosen: str, rejected: str, cfg: DataConfig
+              ) -> tuple[str | Messages, str, str]:
+    """Every text of a pair through `_plain_text` (fields named as `_texts` names them)."""
+    f, policy = cfg.fields, cfg.control_characters
+    if isinstance(prompt, str):
+        prompt = _plain_text(prompt, f.prompt, policy)
+    else:
+        prompt = [{**m, "content": _plain_text(m["content"], f"{f.prompt}[{i}].content", policy)}
+                  for i, m in enumerate(prompt)]
+    return prompt, _plain_text(chosen, f.chosen, policy), _plain_text(rejected, f.rejected, policy)
 
 
 def _texts(prompt: str | Messages, chosen: str, rejected: str, cfg: DataConfig
@@ -168,6 +198,7 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
         texts.append(text)
     if prompt is None:
         raise BadRow("missing_field", f"{f.prompt} is missing or null (and no conversation prefix)")
+    prompt, *texts = _controls(prompt, texts[0], texts[1], cfg)
     if isinstance(prompt, list):
         _check_prompt_roles(prompt, f.prompt)
     elif not prompt.strip():
@@ -177,8 +208,6 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
             raise BadRow("empty_response", f"{col} is empty")
     if texts[0] == texts[1]:
         raise BadRow("chosen_equals_rejected", f"{f.chosen} and {f.rejected} are identical")
-    for field, text in _texts(prompt, texts[0], texts[1], cfg):
-        _plain_text(text, field)
     row_id = row.get(f.id)
     return Pair(prompt, texts[0], texts[1], _score(row, f.chosen_score, requires_scores),
                 _score(row, f.rejected_score, requires_scores),

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from pipeline.config import PoolConfig, RunConfig
+from pipeline.config import ActorPoolConfig, RunConfig
 
 # Ray's own per-node bookkeeping resources; not worth showing in a plan.
 _HIDDEN_PREFIXES = ("node:", "accelerator_type:", "memory", "object_store_memory")
@@ -69,7 +69,7 @@ class Resources:
         return out
 
 
-def _pool_plan(stage: str, what: str, pool: PoolConfig) -> StagePlan:
+def _pool_plan(stage: str, what: str, pool: ActorPoolConfig) -> StagePlan:
     return StagePlan(stage, what, pool.num_actors, pool.cpus_per_actor, pool.gpus_per_actor,
                      dict(pool.resources))
 
@@ -86,8 +86,7 @@ def stage_plans(cfg: RunConfig) -> list[StagePlan]:
     if cfg.rounds.mode != "offline":
         plans.insert(3, _pool_plan("sample", "vLLM engine actors (on-policy samples)",
                                    cfg.sampling))
-        plans.insert(4, StagePlan("score", f"reward: {cfg.reward.kind if cfg.reward else '-'}",
-                                  1, 1, 0))
+        plans.insert(4, _pool_plan("score", f"reward actors ({cfg.reward.kind})", cfg.reward))
     return plans
 
 

@@ -51,6 +51,8 @@ class TrainLoopConfig:
     seed: int
     bf16: bool
     gradient_checkpointing: bool
+    optimizer: str = "adamw"  # 'adamw' | 'cpu_adam' (DeepSpeed CPU Adam + ZeRO-Offload)
+    offload_params: bool = False  # ZeRO-3 parameter offload to host memory
     packing: bool = False  # pack pairs into shared rows (workers.packing)
     attention: str = "auto"  # see pipeline.config.TrainConfig.attention
     share_prompt: bool = False
@@ -77,6 +79,10 @@ def deepspeed_config(cfg: TrainLoopConfig, hidden_size: int | None = None) -> di
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.optimizer == "cpu_adam":  # ZeRO-Offload: optimizer states and update on the host
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params:  # ZeRO-3: parameter partitions live in host memory between uses
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if cfg.zero_stage >= 2 and hidden_size:
         # Buckets sized to the model (DeepSpeed's defaults hold 5e8 elements per rank
         # whatever the model), as transformers' "auto" values do.
@@ -95,6 +101,20 @@ def deepspeed_config(cfg: TrainLoopConfig, hidden_size: int | None = None) -> di
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def build_optimizer(cfg: TrainLoopConfig, params) -> torch.optim.Optimizer:
+    """torch AdamW, or DeepSpeed's CPU Adam (the same update, run on the host over the
+    offloaded optimizer states; `deepspeed_config` turns the offload on)."""
+    kwargs = {"lr": cfg.learning_rate, "betas": tuple(cfg.adam_betas),
+              "weight_decay": cfg.weight_decay, "eps": 1e-8}
+    if cfg.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -258,8 +278,7 @@ def _train(cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path,
                                               trust_remote_code=cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.optimizer_steps))
     progress(0, "deepspeed init")

@@ -38,7 +38,9 @@ class Engine:
                                  START_TIMEOUT_FACTOR * timeout)
         self.watchdog.progress(0, "engine start")
         self.calls = 0
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("kv_cache_space_gib", 1)))
+        # This pool's own KV-cache size (each actor is its own process; vLLM reads it when the
+        # engine is built, and an engine-core child process inherits it).
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.get("kv_cache_space_gib", 1))
         from vllm import LLM
 
         # safetensors only: pipeline.config refuses another load_format unless the config

@@ -3,7 +3,9 @@
 Rows: adversarial text that real scraped data holds — very long lines, control characters
 and terminal escapes, invalid UTF-8, chat-template role injection through special tokens,
 odd but legal Unicode — each with the quarantine reason expected in column ``expect``
-(under ``truncation: drop``, ``max_prompt_tokens: 48``, ``max_response_tokens: 64``).
+(under ``truncation: drop``, ``max_prompt_tokens: 48``, ``max_response_tokens: 64``, and the
+default ``control_characters: keep``; ``strip`` expects the same) and in column
+``expect_quarantine`` under ``control_characters: quarantine``.
 Files: the ways a file itself is broken, listed in FILE_EXPECT.
 
     .venv/bin/python tests/data/make_bad.py [OUT_DIR]
@@ -37,8 +39,14 @@ FILE_EXPECT: dict[str, str | dict[str, int]] = {
 }
 
 
-def row(prompt: Any = OK[0], chosen: Any = OK[1], rejected: Any = OK[2], expect: str = "ok"):
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "expect": expect}
+def row(prompt: Any = OK[0], chosen: Any = OK[1], rejected: Any = OK[2], expect: str = "ok",
+        quarantine: str | None = None):
+    """`quarantine`: the reason under control_characters: quarantine, if not `expect`."""
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "expect": expect,
+            "expect_quarantine": quarantine or expect}
+
+
+SOFT = "control_characters"  # kept (or stripped) by default, quarantined on request
 
 
 def text_rows() -> list[dict[str, Any]]:
@@ -49,10 +57,17 @@ def text_rows() -> list[dict[str, Any]]:
             "red, blue. 🎨", "red."),  # legal Unicode, rendered oddly: kept
         row("fruit " * 20_000, expect="over_length"),  # a 120k-character line
         row(chosen="a" * 200_000, expect="over_length"),
+        # NUL and terminal escapes (ESC, 8-bit CSI and OSC) are refused under any policy
         row("List two fruits.\x00", expect="control_characters"),
         row(chosen="\x1b[31mapple\x1b[0m, pear.", expect="control_characters"),
-        row(rejected="rock\x7f, pear.", expect="control_characters"),
-        row(chosen="apple,\x85 pear.", expect="control_characters"),
+        row(chosen="\x9b31mapple, pear.", expect="control_characters"),
+        row(rejected="\x9d0;pwned\x07rock, pear.", expect="control_characters"),
+        # what real text holds: form feeds, vertical tabs, DEL, stray C1 (mis-decoded cp1252)
+        row("Page 2\x0cList two fruits.", quarantine=SOFT),
+        row(chosen="apple,\x0b pear.", quarantine=SOFT),
+        row(rejected="rock\x7f, pear.", quarantine=SOFT),
+        row(chosen="apple,\x85 pear.", quarantine=SOFT),
+        row(rejected="rock\x92s, pear.", quarantine=SOFT),
         row(INJECT, expect="special_token_in_text"),
         row(chosen="apple, pear.<|im_end|>", expect="special_token_in_text"),
         row(rejected="<|endoftext|>rock, pear.", expect="special_token_in_text"),
@@ -74,7 +89,10 @@ def chat_rows() -> list[dict[str, Any]]:
         row(user(OK[0]) + assistant("sure") + [{"role": "system", "content": "obey"}]
             + user("go"), assistant(OK[1]), assistant(OK[2]), "bad_role_sequence"),
         row(long_chat + user(OK[0]), assistant(OK[1]), assistant(OK[2]), "over_length"),
-        row(user("List two fruits.\x07"), assistant(OK[1]), assistant(OK[2]),
+        row(user("List two fruits.\x07"), assistant(OK[1]), assistant(OK[2]), quarantine=SOFT),
+        row([{"role": "system", "content": "Be brief.\x0c"}] + user(OK[0]), assistant(OK[1]),
+            assistant(OK[2]), quarantine=SOFT),
+        row(user(OK[0]), assistant("\x1b]0;pwned\x07apple."), assistant(OK[2]),
             "control_characters"),
     ]
 

@@ -33,7 +33,7 @@ def make_config(toy_world):
     def make(run_dir, **sections):
         raw = {
             "run_dir": str(run_dir),
-            "model": {"policy": str(toy_world.model_dir), "dtype": "float32"},
+            "model": {"policy": str(toy_world.model_dir)},
             "data": {"train": [str(toy_world.train_path)], "eval": [str(toy_world.eval_path)],
                      "chat_template": "always", "max_prompt_tokens": 64,
                      "max_response_tokens": 64},

@@ -90,3 +90,68 @@ def test_judge_scores_match_hf(ray_cluster, make_config, samples_dir, toy_world,
         expected = 0.5 * (p_first(RESPONSES[i], RESPONSES[0]) + 1.0 - p_first(RESPONSES[0], RESPONSES[i]))
         assert by[("p0", i)] == pytest.approx(expected, abs=1e-4)
         assert 0.0 < by[("p0", i)] < 1.0
+
+
+def probe_rewards(prompts, responses):
+    """A reward function that tells the test's probe actor which process called it and
+    what Ray assigned that process; scores are the response lengths."""
+    import os
+
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    ray.get(ray.get_actor("score-probe").record.remote(os.getpid(), assigned))
+    return [float(len(r)) for r in responses]
+
+
+def probe_actor():
+    """A named actor collecting (pid, assigned resources); built in a function so Ray ships
+    the class by value."""
+    import ray
+
+    class Probe:
+        def __init__(self):
+            self.seen = []
+
+        def record(self, pid, assigned):
+            self.seen.append((pid, assigned))
+
+        def get(self):
+            return self.seen
+
+    return ray.remote(num_cpus=0)(Probe).options(name="score-probe").remote()
+
+
+def test_score_stage_uses_the_reward_pool_config(ray_cluster, make_config, tmp_path):
+    """reward.num_actors and reward.cpus_per_actor shape the scorer pool: two scorer actors
+    are started (GCS actor table), and a scorer is assigned the configured CPUs (read inside
+    it, by the reward function)."""
+    import ray
+    from ray._private.state import actors
+
+    from pipeline.stages.score import run_score
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for f in range(8):
+        rows = [{"prompt_id": f"p{f}", "prompt_text": "List two fruits.", "sample_index": i,
+                 "response": RESPONSES[i]} for i in range(4)]
+        pq.write_table(pa.Table.from_pylist(rows), samples / f"part-{f}.parquet")
+    def scorer_actors() -> set[str]:
+        return {i for i, a in actors().items()
+                if a["ActorClassName"] == "MapWorker(MapBatches(FunctionScorer))"}
+
+    probe = probe_actor()
+    before = scorer_actors()
+    cfg = make_config(tmp_path / "run", reward={
+        "kind": "function", "function": "tests.integration.test_scoring:probe_rewards",
+        "batch_size": 4, "num_actors": 2, "cpus_per_actor": 0.5})
+    stats = run_score(samples, cfg, tmp_path)
+    seen = ray.get(probe.get.remote())
+    ray.kill(probe)
+    assert stats["samples"] == 32
+    assert len(scorer_actors() - before) == 2  # reward.num_actors scorers were started
+    assert seen and all(assigned.get("CPU") == 0.5 for _, assigned in seen), seen
+    got = pq.read_table(tmp_path / "scored").to_pylist()
+    assert sorted(r["score"] for r in got) == sorted(float(len(RESPONSES[i]))
+                                                     for _ in range(8) for i in range(4))

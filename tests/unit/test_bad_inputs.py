@@ -29,17 +29,48 @@ def test_committed_corpus_matches_the_generator(tmp_path):
             f"{committed} is stale: run tests/data/make_bad.py"
 
 
+@pytest.mark.parametrize("policy, column", [("keep", "expect"), ("strip", "expect"),
+                                            ("quarantine", "expect_quarantine")])
 @pytest.mark.parametrize("name", ["text", "chat"])
-def test_adversarial_rows_get_their_exact_reason(name, tok_dir, tmp_path, run_unit):
+def test_adversarial_rows_get_their_exact_reason(name, policy, column, tok_dir, tmp_path, run_unit):
     path = str(BAD / f"{name}.parquet")
-    expect = pq.read_table(path, columns=["expect"]).column("expect").to_pylist()
-    quarantined, pairs, _ = run_unit(tok_dir, path, cfg(), False, tmp_path / "out")
+    expect = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    quarantined, pairs, _ = run_unit(tok_dir, path, cfg(control_characters=policy), False,
+                                     tmp_path / "out")
     assert [(q["source_row"], q["reason"]) for q in quarantined] == \
            [(i, e) for i, e in enumerate(expect) if e != "ok"]
     assert sorted(p["source_row"] for p in pairs) == [i for i, e in enumerate(expect) if e == "ok"]
     assert len(quarantined) + len(pairs) == len(expect)  # nothing lost
     for q in quarantined:
         assert q["source_file"] == path and q["detail"] and q["row_json"]
+
+
+@pytest.mark.parametrize("name", ["text", "chat"])
+def test_soft_controls_are_kept_or_stripped(name, tok_dir, tmp_path, run_unit):
+    """keep: the form feeds, vertical tabs, DEL and stray C1 reach the tokens as written;
+    strip: none is left (line breaks become newlines), and the same rows are kept."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data import _ANY_CONTROL_RE
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    path = str(BAD / f"{name}.parquet")
+    texts = {}
+    for policy in ("keep", "strip"):
+        _, pairs, _ = run_unit(tok_dir, path, cfg(control_characters=policy), False,
+                               tmp_path / policy)
+        texts[policy] = {p["source_row"]: tok.decode(p["prompt_ids"] + p["chosen_ids"]
+                                                     + p["rejected_ids"]) for p in pairs}
+    assert texts["keep"].keys() == texts["strip"].keys()
+    soft = {i for i, t in texts["keep"].items() if _ANY_CONTROL_RE.search(t)}
+    expect = pq.read_table(path, columns=["expect", "expect_quarantine"]).to_pylist()
+    assert soft == {i for i, r in enumerate(expect)
+                    if r["expect"] == "ok" and r["expect_quarantine"] == "control_characters"}
+    assert not any(_ANY_CONTROL_RE.search(t) for t in texts["strip"].values())
+    for i in soft:
+        assert texts["strip"][i] == texts["keep"][i].translate(
+            {c: None for c in range(0x7F, 0xA0) if c != 0x85}
+            | {c: None for c in (0x07, 0x7F)} | {0x0B: "\n", 0x0C: "\n", 0x85: "\n"})
 
 
 def test_special_tokens_may_be_allowed(tok_dir, tmp_path, run_unit):

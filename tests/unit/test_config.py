@@ -56,6 +56,14 @@ def test_defaults_resolve():
     (with_("reward", {"kind": "function", "function": "no_colon"}), "module:function"),
     (with_("loss", {"name": "dpoo"}), "unknown loss 'dpoo'; valid:"),
     (with_("loss", {"name": "sigmoid", "params": {"betta": 0.1}}), "unknown parameter(s) ['betta']"),
+    (with_("train", {"optimizer": "cpu_adam", "zero_stage": 0}), "it needs zero_stage 1, 2 or 3"),
+    (with_("train", {"offload_params": True, "zero_stage": 2}),
+     "train.offload_params needs zero_stage: 3"),
+    # removed keys (never read): an old config that sets them is told so
+    (with_("model.dtype", "float32"), "model.dtype: unknown key"),
+    (with_("reward", {"kind": "judge", "model": "j", "batch_size": 8}),
+     "reward.batch_size does not apply to kind 'judge'"),
+    (with_("data.shuffle_seed", 0), "data.shuffle_seed: unknown key"),
 ])
 def test_bad_configs_name_the_key(raw, fragment):
     with pytest.raises(ConfigError) as err:

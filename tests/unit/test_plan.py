@@ -101,3 +101,21 @@ def test_local_custom_resources_count_for_a_local_run():
 def test_config_rejects_non_custom_or_non_positive_resources(bad):
     with pytest.raises(ConfigError, match="train.resources"):
         config(train={"resources": bad})
+
+
+def test_reward_pool_reaches_the_plan_and_the_score_stage():
+    """reward.num_actors / cpus_per_actor / gpus_per_actor / resources are the score stage's
+    units in the plan, and the same numbers are what run_score asks Ray Data for."""
+    from pipeline.stages.reference import pool_map_args
+
+    reward = {"kind": "function", "function": "m:f", "num_actors": 3, "cpus_per_actor": 2,
+              "gpus_per_actor": 0.5, "resources": {"gpu_node": 1}, "batch_size": 7}
+    cfg = config(rounds={"mode": "online", "count": 2}, reward=reward)
+    score = next(p for p in stage_plans(cfg) if p.stage == "score")
+    assert (score.units, score.cpus_each, score.gpus_each) == (3, 2, 0.5)
+    assert score.demand() == {"CPU": 2, "GPU": 0.5, "gpu_node": 1}
+    assert "reward actors (function)" in format_plan(stage_plans(cfg), two_nodes(gpus=2))
+    [problem] = check_plan([score], two_nodes(gpus=2))  # no node has gpu_node
+    assert problem.startswith("stage 'score' needs 6 CPU / 1.5 GPU + gpu_node 3")
+    assert pool_map_args(cfg.reward) == {"concurrency": 3, "num_cpus": 2, "num_gpus": 0.5,
+                                         "batch_size": 7, "resources": {"gpu_node": 1}}

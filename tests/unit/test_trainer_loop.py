@@ -85,3 +85,34 @@ def test_sampling_calls_fit_the_token_budget():
     assert all(4 * sum(map(len, c)) <= 200 for c in chunks if len(c) > 1)
     assert token_budget_chunks(prompts, 4, None) == [prompts]
     assert token_budget_chunks([[1] * 80], 4, 200) == [[[1] * 80]]  # alone if over budget
+
+
+def loop_config(**overrides):
+    from workers.trainer import TrainLoopConfig
+
+    base = {"policy_path": "m", "tokenizer_path": "m", "loss_name": "sigmoid", "loss_params": {},
+                "zero_stage": 3, "micro_batch_size": 2, "grad_accum_steps": 1, "optimizer_steps": 4,
+                "epochs": 1, "learning_rate": 1e-3, "lr_schedule": "constant", "warmup_steps": 0,
+                "grad_clip": 1.0, "weight_decay": 0.01, "adam_betas": (0.9, 0.95), "seed": 0, "bf16": False,
+                "gradient_checkpointing": False}
+    return TrainLoopConfig(**{**base, **overrides})
+
+
+def test_offload_settings_reach_the_deepspeed_config():
+    from workers.trainer import deepspeed_config
+
+    plain = deepspeed_config(loop_config(), 64)["zero_optimization"]
+    assert "offload_optimizer" not in plain and "offload_param" not in plain
+    both = deepspeed_config(loop_config(optimizer="cpu_adam", offload_params=True), 64)
+    assert both["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert both["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_build_optimizer_follows_the_config():
+    from workers.trainer import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = build_optimizer(loop_config(), params)
+    assert type(opt) is torch.optim.AdamW
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.01)
