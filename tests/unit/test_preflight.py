@@ -129,14 +129,13 @@ def test_dashboard_binds_to_localhost_by_default():
     assert init_kwargs(config(ray={"dashboard_host": "0.0.0.0"}), {})["dashboard_host"] == "0.0.0.0"
 
 
-def test_secrets_in_the_environment_are_never_printed_or_shipped(world, capsys, monkeypatch):
-    from pipeline.cluster import init_kwargs, worker_env
-
+def test_secrets_in_the_environment_are_never_printed(world, capsys, monkeypatch):
+    """--dry-run prints the effective config and plan, never a token from the environment.
+    That workers never get them is read inside real workers:
+    tests/integration/test_worker_env.py."""
     for name in ("HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, SECRET)
     cfg = config()
-    env = worker_env(cfg)
-    assert SECRET not in json.dumps(init_kwargs(cfg, env))
     path = world / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     main(["run", str(path), "--dry-run"])
