@@ -20,7 +20,12 @@ from typing import Any
 import torch
 
 from workers.logprobs import ResponseLogps
-from workers.nonfinite import NonFiniteGuard, all_ranks, local_weights_finite
+from workers.nonfinite import (
+    NonFiniteGuard,
+    all_ranks,
+    inject_nan_gradient,
+    local_weights_finite,
+)
 from workers.packing import attention_mode
 from workers.train_step import pair_loss, rows_to_pairs
 
@@ -243,6 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               row_tokens=cfg.pack_row_tokens)
         pairs.batch = pairs.batch.to(device)
         loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params)
+        loss = inject_nan_gradient(loss, state.step + 1, rank)  # a no-op unless a test sets it
         if not all_ranks(bool(torch.isfinite(loss.detach())), device):
             guard.record("loss", state.step + 1, ids)
             continue  # no backward, no step: the next micro-batch takes this one's place
