@@ -163,3 +163,13 @@ def test_run_dir_and_cache_become_absolute_even_before_they_exist(tmp_path, monk
     assert cfg.run_dir == str(tmp_path / "runs" / "demo")
     assert cfg.reference.cache_dir == str(tmp_path / "cache" / "ref")
     assert cfg.model.policy == "Qwen/Qwen2-0.5B"  # a hub id stays one
+
+
+def test_credential_names_are_recognised():
+    """The names a local cluster's processes do not inherit (see test_worker_env.py)."""
+    from pipeline.cluster import secret_names
+
+    secrets = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "GITHUB_TOKEN", "OPENAI_API_KEY"]
+    kept = ["TOKENIZERS_PARALLELISM", "RAY_AUTH_TOKEN", "PATH", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE"]
+    assert secret_names(dict.fromkeys(secrets + kept, "x")) == secrets
