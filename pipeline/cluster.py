@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,27 @@ WORKER_ENV_DEFAULTS = {
 # see workers.vllm_pool.Engine.)
 PASS_THROUGH = ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "HF_HOME", "PYTHONPATH",
                 "RAY_AUTH_MODE")
+
+
+# Credentials in the driver's environment (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...):
+# never passed to workers. Ray's own variables (RAY_AUTH_TOKEN, ...) are Ray's business.
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_KEY|ACCESS_KEY"
+                         r"|PRIVATE_KEY)(_|$)", re.IGNORECASE)
+
+
+def secret_names(environ: dict[str, str]) -> list[str]:
+    return [k for k in environ if SECRET_NAME.search(k) and not k.startswith("RAY_")]
+
+
+@contextmanager
+def _secrets_hidden_from_children() -> Iterator[None]:
+    """Processes started inside (a local cluster's GCS, raylet and so every worker) do not
+    inherit the credentials in this process's environment; this process keeps them."""
+    saved = {k: os.environ.pop(k) for k in secret_names(dict(os.environ))}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
@@ -48,7 +72,8 @@ def connect(cfg: RunConfig) -> dict[str, Any]:
     # Inside a submitted job, Ray refuses env vars set both by the job and by ray.init.
     job_env = _job_env_vars()
     env = {k: v for k, v in env.items() if k not in job_env}
-    info = ray.init(**init_kwargs(cfg, env))
+    with _secrets_hidden_from_children():  # a local cluster's processes are our children
+        info = ray.init(**init_kwargs(cfg, env))
     return {"dashboard_url": _dashboard_url(info), "address": info.address_info.get("gcs_address"),
             "started_local": cfg.ray.address is None}
 

@@ -7,6 +7,7 @@ guard only records; the train loop acts on what it returns.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,19 @@ def local_weights_finite(module: torch.nn.Module) -> bool:
         if t.numel() and not bool(torch.isfinite(t).all()):
             return False
     return True
+
+
+NAN_GRADIENT_ENV = "RAYALIGN_TEST_NAN_GRADIENT_STEPS"
+
+
+def inject_nan_gradient(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Fault injection for tests: when the workers' env sets RAYALIGN_TEST_NAN_GRADIENT_STEPS
+    (comma-separated optimizer steps), rank 0's loss at those steps keeps its finite value
+    but backpropagates NaN, so DeepSpeed sees a NaN gradient with a finite loss."""
+    steps = os.environ.get(NAN_GRADIENT_ENV, "")
+    if rank == 0 and steps and step in {int(s) for s in steps.split(",")}:
+        loss.register_hook(lambda g: torch.full_like(g, float("nan")))
+    return loss
 
 
 @dataclass

@@ -21,7 +21,12 @@ from typing import Any
 import torch
 
 from workers.logprobs import ResponseLogps
-from workers.nonfinite import NonFiniteGuard, all_ranks, local_weights_finite
+from workers.nonfinite import (
+    NonFiniteGuard,
+    all_ranks,
+    inject_nan_gradient,
+    local_weights_finite,
+)
 from workers.packing import attention_mode
 from workers.train_step import RunningMean, pair_loss, rows_to_pairs
 from workers.watchdog import Watchdog, inject_stall, is_permanent
@@ -308,6 +313,7 @@ def _train(cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None) -> None:
         pairs.batch = pairs.batch.to(device)
         progress(state.step + 1, "forward")
         loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params, state.running)
+        loss = inject_nan_gradient(loss, state.step + 1, rank)  # a no-op unless a test sets it
         progress(state.step + 1, "loss check")
         if not all_ranks(bool(torch.isfinite(loss.detach())), device):
             guard.record("loss", state.step + 1, ids)

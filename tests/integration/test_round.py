@@ -4,16 +4,15 @@ Ray Train + DeepSpeed ZeRO-3 (2 workers) → HF checkpoint → evaluate with vLL
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
+from tests.integration.hf_logps import REF_TOLERANCE, hf_response_logps
 
-# Documented tolerance for vLLM (fp32, CPU) vs a float32 HF forward, per summed sequence.
-# Measured gap on the toy model is ~1e-6; 1e-3 leaves room for kernel differences.
-REF_TOLERANCE = 1e-3
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +71,38 @@ def test_checkpoint_loads_in_hf_and_generates(round_run, toy_world):
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
-def test_checkpoint_loaded_by_vllm(round_run):
-    """The evaluate stage sampled from the exported policy with a vLLM engine."""
-    _, run_dir = round_run
+def test_checkpoint_loaded_by_vllm(round_run, toy_world):
+    """A vLLM engine on the exported checkpoint gives the log-probs a float32 HF forward
+    gives on the trained weights (and not those of the initial weights, which the
+    training moved further than the tolerance), and the evaluate stage sampled from it."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from workers.vllm_pool import Engine
+
+    cfg, run_dir = round_run
     samples = pq.read_table(run_dir / "round-0" / "evaluate" / "samples.parquet").to_pylist()
     assert len(samples) == 16
     assert sum(bool(s["policy_response"].strip()) for s in samples) >= 12
+    model_dir = run_dir / "round-0" / "train" / "model"
+    rows = pq.read_table(manifest(run_dir, "reference")["outputs"]["eval"]).to_pylist()
+    prompts = [r["prompt_ids"] for r in rows for _ in (0, 1)]
+    responses = [r[f"{side}_ids"] for r in rows for side in ("chosen", "rejected")]
+    engine = ray.remote(num_cpus=1)(Engine).remote(str(model_dir), cfg.reference.engine.model_dump())
+    try:
+        vllm = [sum(x) for x in ray.get(engine.sequence_logprobs.remote(prompts, responses))]
+    finally:
+        ray.kill(engine)
+    trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    start = AutoModelForCausalLM.from_pretrained(toy_world.model_dir, dtype=torch.float32).eval()
+    hf = [hf_response_logps(trained, p, r) for p, r in zip(prompts, responses)]
+    hf_start = [hf_response_logps(start, p, r) for p, r in zip(prompts, responses)]
+    gaps = [abs(a - b) for a, b in zip(vllm, hf)]
+    moved = max(abs(a - b) for a, b in zip(hf, hf_start))
+    print(f"exported checkpoint, vLLM vs HF fp32 summed log-prob gap: max {max(gaps):.2e} over"
+          f" {len(gaps)} sequences; training moved them by up to {moved:.2e}")
+    assert moved > 10 * REF_TOLERANCE, "training barely moved the log-probs: the check is blind"
+    assert max(gaps) < REF_TOLERANCE
 
 
 def test_reference_logprobs_match_hf_fp32(round_run, toy_world):
@@ -88,15 +113,11 @@ def test_reference_logprobs_match_hf_fp32(round_run, toy_world):
     rows = pq.read_table(ref_dir).to_pylist()
     model = AutoModelForCausalLM.from_pretrained(toy_world.model_dir, dtype=torch.float32).eval()
     gaps = []
-    with torch.no_grad():
-        for row in rows:
-            for side in ("chosen", "rejected"):
-                ids = torch.tensor([row["prompt_ids"] + row[f"{side}_ids"]])
-                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-                tok = logp.gather(-1, ids[0, 1:, None])[:, 0]
-                hf = tok[len(row["prompt_ids"]) - 1:].sum().item()
-                gaps.append(abs(hf - row[f"ref_{side}_logp"]))
-                assert row[f"{side}_len"] == len(row[f"{side}_ids"])
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            hf = hf_response_logps(model, row["prompt_ids"], row[f"{side}_ids"])
+            gaps.append(abs(hf - row[f"ref_{side}_logp"]))
+            assert row[f"{side}_len"] == len(row[f"{side}_ids"])
     print(f"vLLM vs HF fp32 summed log-prob gap: max {max(gaps):.2e}, mean {sum(gaps)/len(gaps):.2e}"
           f" over {len(gaps)} sequences")
     assert max(gaps) < REF_TOLERANCE
@@ -147,3 +168,51 @@ def test_zero3_two_workers_match_one(round_run, make_config, tmp_path):
     assert curves[1][-1] < curves[1][0], "loss should fall at lr 1e-3 on a fixed batch"
     for a, b in zip(curves[1], curves[2]):
         assert abs(a - b) < 1e-4
+
+
+def all_actor_ids() -> set[str]:
+    """Every actor the cluster has started (alive or dead), from the GCS."""
+    from ray._private.state import actors
+
+    return set(actors())
+
+
+def test_reference_cache_hit_and_miss(round_run, make_config, tmp_path, capsys):
+    """A second run with the same reference model and data (another run_dir) takes the
+    reference log-probs from the cache, the same files, and starts no engine actor; a
+    changed length setting gives another key, which the cache does not hold."""
+    from pipeline.cluster import worker_env
+    from pipeline.config import with_absolute_paths
+    from pipeline.dag import OFFLINE_ROUND, Round, _reference_inputs, run_stages
+    from pipeline.manifest import Manifest
+    from pipeline.stages.reference import cache_key
+
+    cfg, run_dir = round_run
+    first = manifest(run_dir, "reference")
+
+    def prepared_round(name, **sections):
+        c = with_absolute_paths(make_config(tmp_path / name, **sections))
+        r = Round(c, tmp_path / name, 0, c.model.policy, c.model.reference_path, worker_env(c))
+        run_stages(r, OFFLINE_ROUND[:1])  # prepare, for real: the reference key reads it
+        return r
+
+    again = prepared_round("again")
+    before = all_actor_ids()
+    run_stages(again, OFFLINE_ROUND[1:2])
+    assert all_actor_ids() == before, "the reference stage started actors on a cache hit"
+    assert "reference log-probs from cache" in capsys.readouterr().out
+    second = again.done["reference"]
+    assert second.inputs["cache_key"] == first["inputs"]["cache_key"]
+    assert second.outputs["cache_hit"] is True
+    assert {s: second.outputs[s] for s in ("train", "eval")} == \
+        {s: first["outputs"][s] for s in ("train", "eval")}
+
+    shorter = prepared_round("shorter", data={"max_response_tokens": 48})
+    key = _reference_inputs(shorter)["cache_key"]
+    assert key != first["inputs"]["cache_key"]
+    assert Manifest.read(Path(cfg.reference.cache_dir) / key) is None  # a miss: computed anew
+    # the length settings are part of the key even for the same prepared data
+    lengths = {"prompt": 64, "response": 64, "truncation": "keep_end"}
+    same = cache_key(cfg.model.reference_path, cfg.model.tokenizer_path, "data", lengths, "float32")
+    assert same != cache_key(cfg.model.reference_path, cfg.model.tokenizer_path, "data",
+                             {**lengths, "response": 48}, "float32")

@@ -1,6 +1,7 @@
 """Two rounds on the toy world: an offline round, then an online round that samples the
-round-0 policy with vLLM, scores with the gold reward, pairs and trains; the driver is
-killed in the middle of round 1 and the run resumed."""
+round-0 policy with vLLM, scores with the gold reward, pairs and trains against round 0's
+policy as reference (`rounds.reference: previous`); the driver is killed in the middle of
+round 1's training, after a checkpoint, and the run resumed."""
 
 from __future__ import annotations
 
@@ -21,17 +22,18 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def two_rounds(ray_cluster, make_config, tmp_path_factory):
-    """Two rounds whose driver is killed (SIGKILL) during round 1's training, then resumed
-    with `rayalign resume`: (config, run_dir, the resume's console output, stage manifests
-    as they were when the driver died)."""
+    """Two rounds whose driver is killed (SIGKILL) during round 1's training once it has
+    saved a checkpoint, then resumed with `rayalign resume`: (config, run_dir, the resume's
+    console output, stage manifests as they were when the driver died)."""
     import ray
 
     from pipeline.dag import console, resume_pipeline
 
     run_dir = tmp_path_factory.mktemp("rounds") / "run"
-    cfg = make_config(run_dir, rounds={"count": 2, "mode": "online", "prompts_per_round": 16,
-                                       "pair_rule": "best_vs_worst", "min_margin": 0.01},
-                      sampling={"n": 4}, eval={"num_prompts": 8},
+    cfg = make_config(run_dir, rounds={"count": 2, "mode": "online", "prompts_per_round": PROMPTS,
+                                       "pair_rule": "best_vs_worst", "min_margin": 0.01,
+                                       "reference": "previous"},
+                      sampling={"n": N}, eval={"num_prompts": 8},
                       train={"num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4,
                              "checkpoint_every": 2})
     config = run_dir.parent / "config.yaml"
@@ -41,8 +43,9 @@ def two_rounds(ray_cluster, make_config, tmp_path_factory):
         driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config),
                                    "--ray-address", address], stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
-        killed = wait_then_kill(driver, run_dir / "round-1" / "train.tmp", timeout=1200)
-    assert killed, f"the driver ended before round 1 trained: see {run_dir.parent / 'driver.log'}"
+        killed = wait_then_kill(driver, run_dir / "ray_train" / "round-1", timeout=1200)
+    assert killed, (f"the driver ended before round 1 saved a training checkpoint: see"
+                    f" {run_dir.parent / 'driver.log'}")
     at_kill = {(k, s): manifest(run_dir, k, s) for k in (0, 1) for s in STAGES[k]
                if (run_dir / f"round-{k}" / s / "manifest.json").exists()}
     with console.capture() as captured:
@@ -54,16 +57,20 @@ STAGES = {0: ("prepare", "reference", "train", "evaluate"),
           1: ("sample", "score", "pair", "reference", "train", "evaluate")}
 
 
-def wait_then_kill(driver: subprocess.Popen, started: Path, timeout: float) -> bool:
-    """SIGKILL the driver's process group a few seconds after `started` appears."""
+PROMPTS, N = 32, 4  # round 1: prompts sampled, samples per prompt
+
+
+def wait_then_kill(driver: subprocess.Popen, storage: Path, timeout: float) -> bool:
+    """SIGKILL the driver's process group once Ray Train has registered a checkpoint of a
+    run under `storage` (its controller writes the snapshot then)."""
     deadline = time.time() + timeout
     while time.time() < deadline and driver.poll() is None:
-        if started.exists():
-            time.sleep(5)  # inside the stage: Ray Train is starting or stepping
+        if any("checkpoint-step-" in p.read_text()
+               for p in storage.glob("*/checkpoint_manager_snapshot.json")):
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
             return True
-        time.sleep(0.5)
+        time.sleep(0.2)
     if driver.poll() is None:
         os.killpg(driver.pid, signal.SIGKILL)
     return False
@@ -75,6 +82,7 @@ def manifest(run_dir, k, stage):
 
 def test_round_1_samples_the_round_0_policy(two_rounds):
     from pipeline.manifest import model_digest
+    from pipeline.stages.sample import prompt_pool, round_prompts
 
     run_dir = two_rounds[1]
     trained = run_dir / "round-0" / "train" / "model"
@@ -82,12 +90,24 @@ def test_round_1_samples_the_round_0_policy(two_rounds):
     assert sample["outputs"]["policy_path"] == str(trained)
     assert sample["outputs"]["policy_digest"] == model_digest(str(trained))
     assert sample["inputs"]["policy"] == model_digest(str(trained))
-    assert sample["outputs"]["rows"] == 16 * 4
+    # what the sample stage wrote: the round's slice of the prompt pool, N samples each
+    cfg = two_rounds[0]
+    pool = prompt_pool(cfg, run_dir / "round-0" / "prepare" / "train" / "pairs.parquet")
+    expected = {p["prompt_id"]: p["prompt_ids"] for p in round_prompts(pool, cfg, 1)}
+    assert len(expected) == PROMPTS
+    samples = pq.read_table(run_dir / "round-1" / "sample" / "samples").to_pylist()
+    per_prompt: dict[str, list[int]] = {}
+    for row in samples:
+        assert row["prompt_ids"] == expected[row["prompt_id"]]
+        per_prompt.setdefault(row["prompt_id"], []).append(row["sample_index"])
+    assert set(per_prompt) == set(expected)
+    assert all(sorted(v) == list(range(N)) for v in per_prompt.values())
+    assert sample["outputs"]["rows"] == len(samples) == PROMPTS * N
     scored = pq.read_table(run_dir / "round-1" / "score" / "scored").to_pylist()
-    assert len(scored) == 64 and all(0.0 <= r["score"] <= 2.0 for r in scored)
+    assert len(scored) == len(samples) and all(0.0 <= r["score"] <= 2.0 for r in scored)
     pairs = pq.read_table(run_dir / "round-1" / "pair" / "pairs.parquet").to_pylist()
     counts = manifest(run_dir, 1, "pair")["outputs"]["counts"]
-    assert counts["pairs"] == len(pairs) > 0 and counts["prompts"] == 16
+    assert counts["pairs"] == len(pairs) > 0 and counts["prompts"] == PROMPTS
     assert all(p["chosen_score"] - p["rejected_score"] > 0.01 for p in pairs)
     assert all(p["chosen_winrate"] > p["rejected_winrate"] for p in pairs)
     assert not (run_dir / "round-1" / "prepare").exists()  # prepare runs once, in round 0
@@ -112,10 +132,45 @@ def test_killed_driver_resumes_from_the_last_finished_stage(two_rounds):
     assert "[round 1] train ..." in out and "[round 1] evaluate ..." in out
     for k, s in finished:  # not redone
         assert manifest(run_dir, k, s)["finished_at"] == at_kill[(k, s)]["finished_at"]
-    assert manifest(run_dir, 1, "train")["outputs"]["optimizer_steps"] >= 1
+    steps = manifest(run_dir, 1, "train")["outputs"]["optimizer_steps"]
+    # the resumed training continued from the killed driver's last checkpoint, not step 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train" and r["round"] == 1]
+    resumed = {r["resumed_from"] for r in train} - {0}
+    print(f"round 1: {steps} steps; rows (step, resumed_from):"
+          f" {[(r['step'], r['resumed_from']) for r in train]}")
+    assert len(resumed) == 1, "the resumed run did not start from a training checkpoint"
+    start = resumed.pop()
+    assert 0 < start < steps and start % 2 == 0  # train.checkpoint_every: 2
+    after = [r["step"] for r in train if r["resumed_from"] == start]
+    assert after == list(range(start + 1, steps + 1))
     leftovers = [p for p in run_dir.rglob("*") if p.name.endswith(".tmp") or ".old-" in p.name]
     assert not leftovers, leftovers
     assert not list((run_dir / "ray_train").glob("*/train-*")), "resumable train state left behind"
+
+
+def test_reference_previous_is_the_last_rounds_policy(two_rounds, toy_world):
+    """rounds.reference: previous: round 1's reference log-probs are those of round 0's
+    exported policy (a float32 HF forward on it), not those of the initial model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.integration.hf_logps import REF_TOLERANCE, hf_response_logps
+
+    run_dir = two_rounds[1]
+    rows = pq.read_table(manifest(run_dir, 1, "reference")["outputs"]["eval"]).to_pylist()
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    previous, initial = load(run_dir / "round-0" / "train" / "model"), load(toy_world.model_dir)
+    to_previous, to_initial = [], []
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            ref = row[f"ref_{side}_logp"]
+            to_previous.append(abs(ref - hf_response_logps(previous, row["prompt_ids"], row[f"{side}_ids"])))
+            to_initial.append(abs(ref - hf_response_logps(initial, row["prompt_ids"], row[f"{side}_ids"])))
+    print(f"round 1 reference vs round-0 policy: max gap {max(to_previous):.2e};"
+          f" vs the initial model: max gap {max(to_initial):.2e}")
+    assert max(to_previous) < REF_TOLERANCE
+    assert max(to_initial) > 10 * REF_TOLERANCE
 
 
 def test_sampling_is_reproducible_with_a_seed(ray_cluster, toy_world):

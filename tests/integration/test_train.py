@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -45,8 +46,9 @@ def training_order(table: pa.Table, seed: int = 0) -> list[str]:
     return [i for _, i in sorted(zip(keys, table["id"].to_pylist()))]
 
 
-def train(cfg, data, tmp_path, name="run"):
-    """run_train with a metrics sink; returns (result, metric rows)."""
+def train(cfg, data, tmp_path, name="run", env=None):
+    """run_train with a metrics sink (and extra worker env vars); returns (result, metric
+    rows, output dir)."""
     import ray
 
     from pipeline.cluster import worker_env
@@ -59,7 +61,7 @@ def train(cfg, data, tmp_path, name="run"):
     out.mkdir()
     try:
         result = run_train(data, cfg.model.policy, cfg, out, tmp_path / f"{name}-storage",
-                           worker_env(cfg), sink)
+                           {**worker_env(cfg), **(env or {})}, sink)
     finally:
         ray.get(sink.set_context.remote())
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -81,19 +83,25 @@ def alive_actor_pids(class_name: str) -> list[int]:
             if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a["Pid"]]
 
 
-def kill_a_train_worker_after_a_checkpoint(run_storage, killed, timeout=300.0):
+def kill_a_train_worker_past_a_checkpoint(run_storage, metrics, every, killed, timeout=300.0):
     """SIGKILL one training worker once Ray Train's controller has registered a checkpoint
-    (it writes its snapshot then; a checkpoint still being reported would be lost)."""
+    (it writes its snapshot then) and the workers have logged a step past it that is not a
+    checkpoint step (`every`): whichever checkpoint the group restarts from, registered now
+    or still in flight, is then before the last logged step, so some steps are redone."""
     snapshot = run_storage / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if snapshot.exists() and "checkpoint-step-" in snapshot.read_text():
+        saved = [int(s) for s in re.findall(r"checkpoint-step-(\d+)", snapshot.read_text())] \
+            if snapshot.exists() else []
+        logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] \
+            if saved and metrics.exists() else []
+        if saved and logged and max(logged) > max(saved) and max(logged) % every:
             pids = alive_actor_pids("RayTrainWorker")
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
-                killed["pid"] = pids[-1]
+                killed.update(pid=pids[-1], checkpoint=max(saved), logged=max(logged))
                 return
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path):
@@ -104,13 +112,15 @@ def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path)
 
     cfg = config(make_config, tmp_path, epochs=2, checkpoint_every=4, max_failures=2)
     killed: dict = {}
-    killer = threading.Thread(target=kill_a_train_worker_after_a_checkpoint,
-                              args=(tmp_path / "run-storage" / "train", killed), daemon=True)
+    killer = threading.Thread(target=kill_a_train_worker_past_a_checkpoint,
+                              args=(tmp_path / "run-storage" / "train",
+                                    tmp_path / "run-metrics.jsonl", 4, killed), daemon=True)
     killer.start()
     result, rows, out = train(cfg, pairs_dir, tmp_path)
     killer.join(timeout=1)
     assert killed, "the worker was never killed (no checkpoint was registered in time)"
-    print(f"killed train worker pid {killed['pid']}")
+    print(f"killed train worker pid {killed['pid']} after step {killed['logged']}"
+          f" (checkpoint at step {killed['checkpoint']})")
 
     order = training_order(pq.read_table(pairs_dir))
     per_epoch = len(order) // GLOBAL_BATCH
@@ -127,8 +137,12 @@ def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path)
     final = {r["step"]: r for r in rows}  # the last row of each step wins
     assert sorted(final) == list(range(1, steps + 1))
     assert {s: r["batch_digest"] for s, r in final.items()} == expected
+    assert restart_step >= killed["checkpoint"]
     redone = [s for s in first_attempt if s > restart_step]
+    assert redone, f"no step past the checkpoint at {restart_step} was lost and redone"
+    print(f"resumed from step {restart_step}; redone steps {redone}")
     for s in redone:
+        assert [r["resumed_from"] for r in rows if r["step"] == s] == [0, restart_step], s
         assert math.isclose(first_attempt[s]["loss"], final[s]["loss"], abs_tol=1e-5), s
     assert (out / "model" / "model.safetensors").is_file()
     assert not (tmp_path / "run-storage" / "train").exists(), "resumable state left behind"
@@ -176,6 +190,31 @@ def test_nonfinite_loss_stops_with_the_batch_ids(pairs_dir, make_config, tmp_pat
     events = json.loads(report.read_text())["nonfinite_events"]
     assert len(events) == 1 and bad <= set(events[0]["ids"])
     assert not (tmp_path / "run-out" / "model").exists()  # no checkpoint written
+
+
+def test_nan_gradient_with_a_finite_loss_is_skipped_and_counted(pairs_dir, make_config,
+                                                                 tmp_path):
+    """Rank 0's loss at optimizer step 3 backpropagates NaN while its value stays finite
+    (workers.nonfinite's test hook): DeepSpeed ZeRO-3 skips that update on every rank, the
+    guard counts it, training goes on to the planned step count, and the exported weights
+    are finite."""
+    from safetensors.torch import load_file
+
+    from workers.nonfinite import NAN_GRADIENT_ENV
+
+    cfg = config(make_config, tmp_path, max_steps=6, on_nonfinite="skip", max_nonfinite=2)
+    result, rows, out = train(cfg, pairs_dir, tmp_path, env={NAN_GRADIENT_ENV: "3"})
+    print(f"steps: {[(r['step'], r['loss'], r['grad_norm']) for r in rows]}")
+    assert result["nonfinite_skipped"] == 1
+    assert result["steps_done"] == 6  # a skipped update still consumed its batch
+    by_step = {r["step"]: r for r in rows}
+    assert sorted(by_step) == list(range(1, 7))
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in rows)  # finite loss
+    assert by_step[3]["grad_norm"] is None  # non-finite norm (the sink writes NaN/inf as null)
+    assert [by_step[s]["nonfinite_skipped"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert all(math.isfinite(by_step[s]["grad_norm"]) for s in (1, 2, 4, 5, 6))
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())
 
 
 def test_packed_shared_prompt_training_matches_padded(pairs_dir, make_config, tmp_path):

@@ -108,9 +108,31 @@ def small_config(make_config, tmp_path, **train):
                               "warmup_ratio": 0.0, "lr_schedule": "constant", **train})
 
 
+def layout_config(make_config, tmp_path, workers, **layout):
+    return make_config(
+        tmp_path / f"cfg{workers}", loss={"name": "sigmoid", "params": {"beta": 0.1}},
+        data={"max_prompt_tokens": MAX_PROMPT, "max_response_tokens": MAX_RESPONSE},
+        train={"num_workers": workers, "micro_batch_size": MICRO * WORKERS // workers,
+               "global_batch_size": MICRO * WORKERS, "learning_rate": 1e-3,
+               "warmup_ratio": 0.0, "lr_schedule": "constant", "max_steps": STEPS,
+               "logprob_chunk_size": CHUNK, "stall_timeout_s": 90, "max_failures": 0, **layout})
+
+
+@pytest.fixture(scope="module")
+def one_worker_curve(uneven_pairs, make_config, tmp_path_factory):
+    """The loss curve of one worker over the same global batches (no rank to disagree with)."""
+    data, _, _ = uneven_pairs
+    tmp = tmp_path_factory.mktemp("one-worker")
+    result, metrics = train(layout_config(make_config, tmp, 1), data, tmp, "w1")
+    assert result["steps_done"] == STEPS
+    return [m["loss"] for m in metrics]
+
+
 @pytest.mark.parametrize("layout", [{}, {"packing": True}], ids=["padded", "packed"])
-def test_ranks_with_different_batches_train_like_one_worker(uneven_pairs, make_config,
-                                                            tmp_path, layout):
+def test_ranks_with_different_batches_train_like_one_worker(uneven_pairs, one_worker_curve,
+                                                            make_config, tmp_path, layout):
+    """Padded and packed (a rank with long pairs packs more rows) layouts: the same losses
+    as one worker (packing is exact, so one curve serves both)."""
     data, ordered, rows = uneven_pairs
     shapes = [rank_shapes(ordered, rows, s) for s in range(STEPS)]
     print(f"(response tokens, chunks) per rank and step: {shapes}")
@@ -119,21 +141,12 @@ def test_ranks_with_different_batches_train_like_one_worker(uneven_pairs, make_c
                         for i in ordered[s * MICRO * WORKERS:][rank * MICRO:(rank + 1) * MICRO]}
                  for rank in range(WORKERS)}
     assert truncated[0] != truncated[1], f"the ranks' truncation must differ: {truncated}"
-    curves = {}
-    for workers in (WORKERS, 1):
-        cfg = make_config(
-            tmp_path / f"cfg{workers}", loss={"name": "sigmoid", "params": {"beta": 0.1}},
-            data={"max_prompt_tokens": MAX_PROMPT, "max_response_tokens": MAX_RESPONSE},
-            train={"num_workers": workers, "micro_batch_size": MICRO * WORKERS // workers,
-                   "global_batch_size": MICRO * WORKERS, "learning_rate": 1e-3,
-                   "warmup_ratio": 0.0, "lr_schedule": "constant", "max_steps": STEPS,
-                   "logprob_chunk_size": CHUNK, "stall_timeout_s": 90, "max_failures": 0,
-                   **layout})
-        result, metrics = train(cfg, data, tmp_path, f"w{workers}")
-        assert result["steps_done"] == STEPS
-        curves[workers] = [m["loss"] for m in metrics]
-    print(f"loss curves by worker count: {curves}")
-    for a, b in zip(curves[WORKERS], curves[1], strict=True):
+    result, metrics = train(layout_config(make_config, tmp_path, WORKERS, **layout), data,
+                            tmp_path, f"w{WORKERS}")
+    assert result["steps_done"] == STEPS
+    curve = [m["loss"] for m in metrics]
+    print(f"loss curves: {WORKERS} workers {curve}, 1 worker {one_worker_curve}")
+    for a, b in zip(curve, one_worker_curve, strict=True):
         assert abs(a - b) < 1e-4
 
 

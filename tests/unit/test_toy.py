@@ -260,7 +260,8 @@ def test_tokenizer_chat_template_round_trips(world) -> None:
     for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert len(tok(special).input_ids) == 1
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
-    assert tok("héllo wörld ☃ 123").input_ids  # byte-level: any text encodes
+    text = "héllo wörld ☃ 123"  # byte-level: any text encodes, and decodes back exactly
+    assert tok.decode(tok(text).input_ids) == text
 
 
 def test_model_loads_and_generates(world) -> None:
@@ -279,4 +280,10 @@ def test_model_loads_and_generates(world) -> None:
     enc = tok(text, return_tensors="pt")
     out = model.generate(**enc, do_sample=False, max_new_tokens=12)
     assert out.shape[1] > enc.input_ids.shape[1]
-    assert isinstance(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True), str)
+    answer = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    print(f"greedy answer to 'Name two birds.': {answer!r}")
+    # the SFT taught the answer's form (the quick world's model is too small to know every
+    # category): one line of comma-separated items ending with a period, as the gold reward
+    # parses it, which a random or untrained model does not produce
+    parts = toy_reward_parts("Name two birds.", answer)
+    assert parts.well_formed and parts.length_bonus > 0, answer
