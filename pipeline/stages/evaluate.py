@@ -120,9 +120,10 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     if cfg.eval.max_pairs:
         pairs = pairs[: cfg.eval.max_pairs]
     needs = loss_needs(cfg.loss)
-    prompts: dict[str, tuple[list[int], str]] = {}
+    # distinct prompts as the model sees them (multi-turn prompts share their last turn)
+    prompts: dict[tuple[int, ...], tuple[list[int], str]] = {}
     for p in pairs:
-        prompts.setdefault(p["prompt_text"], (p["prompt_ids"], p["prompt_text"]))
+        prompts.setdefault(tuple(p["prompt_ids"]), (p["prompt_ids"], p["prompt_text"]))
     prompt_rows = list(prompts.values())[: cfg.eval.num_prompts]
     p_ids = [r[0] for r in prompt_rows]
     p_text = [r[1] for r in prompt_rows]
