@@ -156,6 +156,7 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     logps = eval_pair_logps(pairs, pol_c, pol_r, needs, pol_kl, pol_sq, running_mean)
     metrics = eval_loss_metrics(cfg.loss, logps)
     metrics["eval/pairs"] = len(pairs)
+    metrics["eval/prompts"] = len(prompt_rows)
     if p_ids:
         kl = np.array([x[1] - sum(r) for x, r in zip(pol_samples, ref_of_pol)])
         metrics["eval/kl"] = float(kl.mean())

@@ -62,4 +62,7 @@ def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config,
     assert trained[0]["num_pairs"] == 64 and trained[0]["steps_done"] == 8
     assert trained[1]["steps_done"] == trained[1]["optimizer_steps"] >= 1
     for k in (0, 1):
-        assert "eval/kl" in outputs(k, "evaluate")["metrics"]
+        metrics = outputs(k, "evaluate")["metrics"]
+        assert "eval/kl" in metrics
+        # 16 distinct conversations, though they end in only 6 distinct questions
+        assert metrics["eval/prompts"] == 8  # eval.num_prompts
