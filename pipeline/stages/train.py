@@ -112,6 +112,37 @@ def carry_over(ds: Any, start: int, round_index: int, out: Path) -> int:
     return n - start
 
 
+# TrainConfig fields the driver uses itself (placement, retries, how steps are counted),
+# which the workers never read
+DRIVER_ONLY = frozenset({"num_workers", "cpus_per_worker", "gpus_per_worker",
+                         "placement_strategy", "resources", "max_failures", "global_batch_size",
+                         "max_steps", "warmup_ratio", "precision"})
+
+
+def loop_config(cfg: RunConfig, policy_path: str, steps: int, env: dict[str, str],
+                metrics_sink: Any = None, board: Any = None) -> Any:
+    """The workers' TrainLoopConfig: every TrainConfig field of the same name is copied
+    (one place, no hand-kept list), plus what is derived from the run."""
+    from dataclasses import fields
+
+    from workers.logprobs import head_calls
+    from workers.trainer import TrainLoopConfig
+
+    t = cfg.train
+    use_gpu = t.gpus_per_worker > 0
+    same = {f.name: getattr(t, f.name) for f in fields(TrainLoopConfig) if hasattr(t, f.name)}
+    return TrainLoopConfig(
+        **same, policy_path=policy_path, tokenizer_path=cfg.model.tokenizer_path,
+        loss_name=cfg.loss.name, loss_params=validate_loss(cfg.loss), optimizer_steps=steps,
+        warmup_steps=round(t.warmup_ratio * steps),
+        bf16=(t.precision == "bf16") or (t.precision == "auto" and use_gpu),
+        head_calls=head_calls(max(cfg.data.max_response_tokens, cfg.sampling.max_tokens),
+                              t.micro_batch_size, t.logprob_chunk_size),
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle_weights=cfg.model.allow_pickle_weights, metrics_sink=metrics_sink,
+        progress_board=board, extra_env=env)
+
+
 def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
               storage_dir: Path, env: dict[str, str], metrics_sink: Any = None,
               shuffle: bool = True, run_name: str = "train",
@@ -134,8 +165,7 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.logprobs import head_calls
-    from workers.trainer import EXPORT_MARKER, TrainLoopConfig, train_loop_per_worker
+    from workers.trainer import EXPORT_MARKER, train_loop_per_worker
     from workers.watchdog import ProgressBoard
 
     t = cfg.train
@@ -150,29 +180,9 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
     if metrics_sink is not None:  # for the dashboard: stage progress and h = margin / β
         metrics_sink.plan.remote("train", steps, validate_loss(cfg.loss).get("beta"))
     use_gpu = t.gpus_per_worker > 0
-    loop = TrainLoopConfig(
-        policy_path=policy_path, tokenizer_path=cfg.model.tokenizer_path,
-        loss_name=cfg.loss.name, loss_params=validate_loss(cfg.loss),
-        zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size,
-        grad_accum_steps=t.grad_accum_steps, optimizer_steps=steps, epochs=t.epochs,
-        learning_rate=t.learning_rate, lr_schedule=t.lr_schedule,
-        warmup_steps=round(t.warmup_ratio * steps), grad_clip=t.grad_clip,
-        weight_decay=t.weight_decay, adam_betas=t.adam_betas, seed=t.seed,
-        bf16=(t.precision == "bf16") or (t.precision == "auto" and use_gpu),
-        gradient_checkpointing=t.gradient_checkpointing, packing=t.packing,
-        optimizer=t.optimizer,
-        offload_params=t.offload_params,
-        attention=t.attention, share_prompt=t.share_prompt, pack_row_tokens=t.pack_row_tokens,
-        logprob_chunk_size=t.logprob_chunk_size,
-        head_calls=head_calls(max(cfg.data.max_response_tokens, cfg.sampling.max_tokens),
-                              t.micro_batch_size, t.logprob_chunk_size),
-        stall_timeout_s=t.stall_timeout_s,
-        trust_remote_code=cfg.model.trust_remote_code,
-        allow_pickle_weights=cfg.model.allow_pickle_weights, metrics_sink=metrics_sink, extra_env=env,
-        checkpoint_every=t.checkpoint_every, on_nonfinite=t.on_nonfinite,
-        max_nonfinite=t.max_nonfinite,
-        progress_board=ray.remote(ProgressBoard).options(num_cpus=0).remote(
-            "train", round_index, t.stall_timeout_s))
+    loop = loop_config(cfg, policy_path, steps, env, metrics_sink,
+                       ray.remote(ProgressBoard).options(num_cpus=0).remote(
+                           "train", round_index, t.stall_timeout_s))
     resources = {"CPU": t.cpus_per_worker, **t.resources}
     if use_gpu:
         resources["GPU"] = t.gpus_per_worker
