@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tests.integration.train_run import train
+
 pytestmark = pytest.mark.integration
 
 GLOBAL_BATCH = 4
@@ -44,28 +46,6 @@ def training_order(table: pa.Table, seed: int = 0) -> list[str]:
 
     keys = order_key(table, seed, shuffle=True).to_pylist()
     return [i for _, i in sorted(zip(keys, table["id"].to_pylist()))]
-
-
-def train(cfg, data, tmp_path, name="run", env=None):
-    """run_train with a metrics sink (and extra worker env vars); returns (result, metric
-    rows, output dir)."""
-    import ray
-
-    from pipeline.cluster import worker_env
-    from pipeline.stages.train import run_train
-    from workers.metrics_sink import MetricsSink
-
-    path = tmp_path / f"{name}-metrics.jsonl"
-    sink = ray.remote(MetricsSink).options(num_cpus=0).remote(str(path), {})
-    out = tmp_path / f"{name}-out"
-    out.mkdir()
-    try:
-        result = run_train(data, cfg.model.policy, cfg, out, tmp_path / f"{name}-storage",
-                           {**worker_env(cfg), **(env or {})}, sink)
-    finally:
-        ray.get(sink.set_context.remote())
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return result, rows, out
 
 
 def config(make_config, tmp_path, **train):

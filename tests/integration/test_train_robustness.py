@@ -19,13 +19,14 @@ that report. An error a retry would repeat (a loss missing its input) fails once
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.integration.train_run import train
 
 pytestmark = pytest.mark.integration
 
@@ -81,25 +82,6 @@ def rank_shapes(ordered, rows, step):
     return out
 
 
-def train(cfg, data, tmp_path, name, **env):
-    import ray
-
-    from pipeline.cluster import worker_env
-    from pipeline.stages.train import run_train
-    from workers.metrics_sink import MetricsSink
-
-    path = tmp_path / f"{name}-metrics.jsonl"
-    sink = ray.remote(MetricsSink).options(num_cpus=0).remote(str(path), {})
-    out = tmp_path / f"{name}-out"
-    out.mkdir()
-    try:
-        result = run_train(data, cfg.model.policy, cfg, out, tmp_path / f"{name}-storage",
-                           {**worker_env(cfg), **env}, sink)
-    finally:
-        ray.get(sink.set_context.remote())
-    return result, [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def small_config(make_config, tmp_path, **train):
     return make_config(tmp_path / "cfg", loss={"name": "sigmoid", "params": {"beta": 0.1}},
                        data={"max_prompt_tokens": MAX_PROMPT, "max_response_tokens": MAX_RESPONSE},
@@ -123,7 +105,7 @@ def one_worker_curve(uneven_pairs, make_config, tmp_path_factory):
     """The loss curve of one worker over the same global batches (no rank to disagree with)."""
     data, _, _ = uneven_pairs
     tmp = tmp_path_factory.mktemp("one-worker")
-    result, metrics = train(layout_config(make_config, tmp, 1), data, tmp, "w1")
+    result, metrics, _ = train(layout_config(make_config, tmp, 1), data, tmp, "w1")
     assert result["steps_done"] == STEPS
     return [m["loss"] for m in metrics]
 
@@ -141,8 +123,8 @@ def test_ranks_with_different_batches_train_like_one_worker(uneven_pairs, one_wo
                         for i in ordered[s * MICRO * WORKERS:][rank * MICRO:(rank + 1) * MICRO]}
                  for rank in range(WORKERS)}
     assert truncated[0] != truncated[1], f"the ranks' truncation must differ: {truncated}"
-    result, metrics = train(layout_config(make_config, tmp_path, WORKERS, **layout), data,
-                            tmp_path, f"w{WORKERS}")
+    result, metrics, _ = train(layout_config(make_config, tmp_path, WORKERS, **layout), data,
+                               tmp_path, f"w{WORKERS}")
     assert result["steps_done"] == STEPS
     curve = [m["loss"] for m in metrics]
     print(f"loss curves: {WORKERS} workers {curve}, 1 worker {one_worker_curve}")
@@ -161,7 +143,8 @@ def test_a_stalled_rank_is_ended_and_the_group_resumes(uneven_pairs, make_config
     cfg = small_config(make_config, tmp_path, max_steps=6, checkpoint_every=2, max_failures=1,
                        stall_timeout_s=STALL_TIMEOUT)
     marker = tmp_path / "stalled-once"
-    result, metrics = train(cfg, data, tmp_path, "stall", RAYALIGN_INJECT_STALL=f"1:4:{marker}")
+    result, metrics, _ = train(cfg, data, tmp_path, "stall",
+                               env={"RAYALIGN_INJECT_STALL": f"1:4:{marker}"})
     assert marker.exists(), "the stall was not injected"
     assert result["steps_done"] == 6
     stalls = result["stalls_survived"]
@@ -182,7 +165,7 @@ def test_a_stall_without_retries_fails_naming_where(uneven_pairs, make_config, t
     cfg = small_config(make_config, tmp_path, max_steps=4, max_failures=0,
                        stall_timeout_s=STALL_TIMEOUT)
     with pytest.raises(TrainingStalled) as err:
-        train(cfg, data, tmp_path, "stall-fail", RAYALIGN_INJECT_STALL="1:2")
+        train(cfg, data, tmp_path, "stall-fail", env={"RAYALIGN_INJECT_STALL": "1:2"})
     message = str(err.value)
     print(message)
     assert message.startswith("train stage, round 0: ")
