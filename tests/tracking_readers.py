@@ -66,13 +66,18 @@ def read_tensorboard(run_dir: Path) -> tuple[dict[str, dict[int, float]], dict[s
     return scalars, texts
 
 
+def wandb_run_dir(run_dir: Path) -> Path:
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
 def wandb_records(run_dir: Path) -> list[dict[str, Any]]:
     """The records of the one offline W&B run under run_dir, decoded by wandb's own
     transaction-log reader (`wandb leet inspect --json`, no network)."""
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, runs
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(runs[0])],
-                         capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                          str(wandb_run_dir(run_dir))],
+                         capture_output=True, text=True, timeout=120, check=False,
                          env={"WANDB_ERROR_REPORTING": "false", "WANDB_MODE": "offline",
                               "PATH": "/usr/bin:/bin", "HOME": str(run_dir)})
     assert out.returncode == 0, out.stderr
@@ -93,7 +98,7 @@ def read_wandb(run_dir: Path) -> tuple[dict[str, dict[int, float]], dict[str, An
     config.pop("_wandb", None)
     scalars: dict[str, dict[int, float]] = {}
     tables: dict[str, Any] = {}
-    files = sorted((run_dir / "wandb").glob("offline-run-*"))[0] / "files"
+    files = wandb_run_dir(run_dir) / "files"
     for rec in (r for r in records if r["type"] == "history"):
         item = rec["history"]["item"]
         for name, value in item.items():
