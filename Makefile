@@ -53,7 +53,7 @@ lint: $(STAMP)
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q --upgrade "pip>=24"
-	.lock-venv/bin/pip install -q torch==2.13.0 -e ".[cpu,test,bench,dev]"
+	.lock-venv/bin/pip install -q torch==2.13.0 -e ".[cpu,test,bench,dev,tracking]"
 	.lock-venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	{ head -2 $(LOCK); .lock-venv/bin/pip freeze --all --exclude-editable | grep -v -E "^pip=="; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv

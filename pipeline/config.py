@@ -316,6 +316,45 @@ class RayConfig(_Section):
         default_factory=dict, description="Custom resources of a local cluster (address unset).")
 
 
+# backend → the module it needs (installed by the `tracking` extra)
+TRACKING_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+TrackingBackend = Literal["tensorboard", "wandb"]
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers fed every metrics.jsonl row, like TRL's `report_to`.
+
+    `tracking: [tensorboard, wandb]` is short for `tracking: {backends: [tensorboard, wandb]}`.
+    """
+
+    backends: list[TrackingBackend] = Field(
+        default_factory=list, description="Trackers to feed; [] writes metrics.jsonl only.")
+    run_name: str | None = Field(None, description="Name of the tracked run; default: run_dir's.")
+    wandb_project: str = "rayalign"
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under <run_dir>/wandb only (`wandb sync` later);"
+        " online needs WANDB_API_KEY in the environment, never in the config.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return {"backends": value} if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _installed(self) -> TrackingConfig:
+        import importlib.util
+
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"backends lists a tracker twice: {self.backends}")
+        for name in self.backends:
+            if importlib.util.find_spec(TRACKING_MODULES[name]) is None:
+                raise ValueError(f"backend {name!r} needs the {TRACKING_MODULES[name]!r} package:"
+                                 " pip install 'rayalign[tracking]'")
+        return self
+
+
 class RunConfig(_Section):
     run_dir: str = "runs/default"
     min_free_gib: float = Field(
@@ -330,6 +369,7 @@ class RunConfig(_Section):
     reward: RewardConfig | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

@@ -327,6 +327,7 @@ def run_pipeline(cfg: RunConfig) -> int:
     from pipeline.cluster import connect, worker_env
     from pipeline.metrics import plot_run
     from workers.metrics_sink import MetricsSink
+    from workers.tracking import table_data
 
     problems = check_paths(cfg)
     if problems:
@@ -338,7 +339,8 @@ def run_pipeline(cfg: RunConfig) -> int:
     info = connect(cfg)
     console.print(f"Ray dashboard: {info['dashboard_url'] or '(not running)'}")
     sink = ray.remote(MetricsSink).options(num_cpus=0).remote(
-        str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)})
+        str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)},
+        cfg.tracking.model_dump(), cfg.model_dump(mode="json"))
     env = worker_env(cfg)
     policy = cfg.model.policy
     rounds: list[Round] = []
@@ -356,7 +358,8 @@ def run_pipeline(cfg: RunConfig) -> int:
         policy = str(r.stage_path("train", "model_dir"))
     ray.get(sink.set_context.remote())  # flush pending metric rows
     plots = plot_run(run_dir)
-    print_summary(rounds, run_dir, plots, info)
+    table = print_summary(rounds, run_dir, plots, info)
+    ray.get(sink.finish.remote(table_data(table)))  # the trackers get the table, then close
     return 0
 
 
@@ -367,7 +370,7 @@ def resume_pipeline(run_dir: Path) -> int:
     return run_pipeline(load_config(config))
 
 
-def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: dict[str, Any]) -> None:
+def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: dict[str, Any]) -> Table:
     table = Table(title=f"rayalign run {run_dir}: evaluation on held-out data")
     keys = ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
             "eval/ranking/accuracy", "eval/ref_ranking_accuracy", "eval/kl",
@@ -391,3 +394,4 @@ def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: d
         console.print(f"plot:       {p}")
     console.print(f"dashboard:  {info['dashboard_url'] or '(not running)'}"
                   f"{' (stops with this local cluster)' if info['started_local'] else ''}")
+    return table

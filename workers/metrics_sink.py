@@ -1,5 +1,6 @@
 """A Ray actor that receives metric rows from workers, appends them to metrics.jsonl and
-exports them to the Ray dashboard (Prometheus) as `ray.util.metrics` gauges and counters.
+exports them to the Ray dashboard (Prometheus) as `ray.util.metrics` gauges and counters,
+and to the experiment trackers of the config's `tracking` section (workers/tracking.py).
 
 Workers on any node send rows here (an actor call, not a shared file), so the driver's
 run directory gets every step even on a multi-node cluster. The exported names are listed
@@ -93,14 +94,21 @@ class DashboardMetrics:
 
 
 class MetricsSink:
-    def __init__(self, path: str, context: dict[str, Any]):
+    def __init__(self, path: str, context: dict[str, Any], tracking: dict[str, Any] | None = None,
+                 config: dict[str, Any] | None = None):
+        """tracking: a TrackingConfig dump; its trackers write under path's directory (the run
+        directory) and get `config` (the run config) once."""
         import ray
+
+        from workers.tracking import Trackers
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.context = dict(context)
         self.planned: dict[str, dict[str, Any]] = {}  # stage → {"total": steps, "beta": β}
         self.dashboard = DashboardMetrics() if ray.is_initialized() else None
+        self.trackers = (Trackers(tracking, self.path.parent, config or {})
+                         if tracking and tracking.get("backends") else None)
 
     def _tags(self) -> dict[str, str]:
         run = Path(str(self.context.get("run_dir") or "run")).name
@@ -127,6 +135,15 @@ class MetricsSink:
             f.write(json.dumps(clean) + "\n")
         if self.dashboard is not None:
             self._export(kind, row)
+        if self.trackers is not None:
+            self.trackers.log(kind, row, int(self.context.get("round") or 0))
+
+    def finish(self, table: Any = None) -> None:
+        """End of the run: the final evaluation table (a workers.tracking.SummaryTable) goes
+        to the trackers once, and they close (W&B finishes its run)."""
+        if self.trackers is not None:
+            self.trackers.finish(table)
+            self.trackers = None
 
     def _export(self, kind: str, row: dict[str, Any]) -> None:
         tags = self._tags()
