@@ -317,8 +317,8 @@ class RayConfig(_Section):
 
 
 # backend → the module it needs (installed by the `tracking` extra)
-TRACKING_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-TrackingBackend = Literal["tensorboard", "wandb"]
+TRACKING_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+TrackingBackend = Literal["tensorboard", "mlflow", "wandb"]
 
 
 class TrackingConfig(_Section):
@@ -330,6 +330,9 @@ class TrackingConfig(_Section):
     backends: list[TrackingBackend] = Field(
         default_factory=list, description="Trackers to feed; [] writes metrics.jsonl only.")
     run_name: str | None = Field(None, description="Name of the tracked run; default: run_dir's.")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: a file store in <run_dir>/mlflow.")
+    mlflow_experiment: str = "rayalign"
     wandb_project: str = "rayalign"
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="offline: files under <run_dir>/wandb only (`wandb sync` later);"

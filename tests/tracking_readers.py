@@ -115,6 +115,27 @@ def read_wandb(run_dir: Path) -> tuple[dict[str, dict[int, float]], dict[str, An
     return scalars, config, tables
 
 
+def read_mlflow(run_dir: Path, experiment: str = "rayalign") -> tuple[
+        dict[str, dict[int, float]], dict[str, str], dict[str, Any], Any]:
+    """(scalars name → {step: value}, params, artifacts path → text, the run) of the one MLflow
+    run in the file store <run_dir>/mlflow, through MlflowClient."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = MlflowClient(tracking_uri=(run_dir / "mlflow").resolve().as_uri())
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, runs
+    run = runs[0]
+    scalars = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+               for name in run.data.metrics}
+    local = client.download_artifacts(run.info.run_id, "", str(run_dir / "mlflow-read"))
+    artifacts = {p.name: p.read_text() for p in Path(local).iterdir()}
+    return scalars, run.data.params, artifacts, run
+
+
 def assert_scalars_equal(got: dict[str, dict[int, float]], rel: float = 1e-6) -> None:
     want = expected_scalars()
     assert sorted(got) == sorted(want)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,63 @@ class WandbTracker:
         self.run.finish()
 
 
-BACKENDS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+class MlflowTracker:
+    """An MLflow run: a local file store under <run_dir>/mlflow, or tracking.mlflow_uri."""
+
+    def __init__(self, run_dir: Path, name: str, cfg: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.mlflow_uri or (run_dir / "mlflow").resolve().as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store only on request
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(cfg.mlflow_experiment)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self.client.create_experiment(cfg.mlflow_experiment))
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten(config)
+        params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(params), 100):  # MLflow takes 100 params a batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_dict(self.run_id, config, "config.yaml")
+
+    def log(self, point: Point) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(_mlflow_name(k), v, now, point.step) for k, v in point.values.items()])
+
+    def log_table(self, table: SummaryTable) -> None:
+        self.client.log_text(self.run_id, f"# {table.title}\n\n{table.markdown()}\n",
+                             "evaluation.md")
+        self.client.log_dict(self.run_id, {"columns": table.columns, "data": table.rows},
+                             "evaluation.json")
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _mlflow_name(name: str) -> str:
+    """MLflow names allow letters, digits, _ - . space : / only."""
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in name)
+
+
+BACKENDS = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker}
 
 
 class Trackers:

@@ -17,6 +17,7 @@ from tests.tracking_readers import (
     PREPARE,
     TRAIN,
     assert_scalars_equal,
+    read_mlflow,
     read_tensorboard,
     read_wandb,
 )
@@ -32,7 +33,8 @@ def test_ray_sink_feeds_every_tracker(ray_cluster, tmp_path):
     from workers.tracking import table_data
 
     cfg = parse_config({"run_dir": str(tmp_path), "model": {"policy": "org/model"},
-                        "data": {"train": ["x.parquet"]}, "tracking": ["tensorboard", "wandb"]})
+                        "data": {"train": ["x.parquet"]},
+                        "tracking": ["tensorboard", "mlflow", "wandb"]})
     secret = "wandb-key-that-must-not-leak-9876543210"
     env = {"WANDB_API_KEY": secret, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     sink = ray.remote(MetricsSink).options(num_cpus=0, runtime_env={"env_vars": env}).remote(
@@ -61,6 +63,9 @@ def test_ray_sink_feeds_every_tracker(ray_cluster, tmp_path):
     tb_scalars, texts = read_tensorboard(tmp_path)
     assert_scalars_equal(tb_scalars)
     assert "| win_rate | 0.500 | 0.600 |" in texts["evaluation"]
+    ml_scalars, _, artifacts, _ = read_mlflow(tmp_path)
+    assert_scalars_equal(ml_scalars)
+    assert "| win_rate | 0.500 | 0.600 |" in artifacts["evaluation.md"]
     wb_scalars, config, tables = read_wandb(tmp_path)
     assert_scalars_equal(wb_scalars)
     assert config == CONFIG
@@ -77,13 +82,14 @@ def test_run_pipeline_tracks_what_metrics_jsonl_holds(ray_cluster, make_config, 
 
     run_dir = tmp_path / "run"
     cfg = make_config(run_dir, rounds={"count": 1, "mode": "offline"},
-                      tracking=["tensorboard", "wandb"])
+                      tracking=["tensorboard", "mlflow", "wandb"])
     with console.capture():
         assert run_pipeline(cfg) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"prepare", "train", "eval"} <= {r["kind"] for r in rows}
     tb_scalars, texts = read_tensorboard(run_dir)
     wb_scalars, config, tables = read_wandb(run_dir)
+    ml_scalars = read_mlflow(run_dir)[0]
     axis, checked = StepAxis(), 0
     for row in rows:
         kind, round_index = row.pop("kind"), row.get("round") or 0
@@ -91,7 +97,7 @@ def test_run_pipeline_tracks_what_metrics_jsonl_holds(ray_cluster, make_config, 
                                                                           "stage")},
                          round_index, axis)
         for name, value in point.values.items():
-            for scalars in (tb_scalars, wb_scalars):
+            for scalars in (tb_scalars, wb_scalars, ml_scalars):
                 assert math.isclose(scalars[name][point.step], value, rel_tol=1e-6), name
             checked += 1
     assert checked > 10 * sum(row.get("step") is not None for row in rows) > 0  # train rows

@@ -3,7 +3,10 @@ a short run through the MetricsSink, read back with the library's own reader (of
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 from rich.table import Table
 
 from pipeline.config import ConfigError, parse_config
@@ -11,6 +14,7 @@ from tests.tracking_readers import (
     CONFIG,
     assert_scalars_equal,
     log_short_run,
+    read_mlflow,
     read_tensorboard,
     read_wandb,
 )
@@ -25,6 +29,7 @@ WANDB_ENV = ("WANDB_MODE", "WANDB_ERROR_REPORTING", "WANDB_DATA_DIR", "WANDB_CAC
 
 
 @pytest.mark.parametrize("value, backends", [
+    (["mlflow"], ["mlflow"]),
     ([], []), ("tensorboard", ["tensorboard"]), (["tensorboard", "wandb"], ["tensorboard", "wandb"]),
     ({"backends": ["wandb"], "wandb_project": "p"}, ["wandb"])])
 def test_tracking_config_forms(value, backends):
@@ -95,6 +100,18 @@ def test_wandb_offline_run_read_back(tmp_path, monkeypatch):
     assert tables["evaluation"] == {"columns": TABLE.columns, "data": TABLE.rows}
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_mlflow_file_store_run_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")  # the tracker opts in; restored after
+    short_run(tmp_path, ["mlflow"])
+    scalars, params, artifacts, run = read_mlflow(tmp_path)
+    assert_scalars_equal(scalars)
+    assert params == {"run_dir": "x", "loss.name": "dpo", "loss.params.beta": "0.1"}
+    assert yaml.safe_load(artifacts["config.yaml"]) == CONFIG
+    assert json.loads(artifacts["evaluation.json"]) == {"columns": TABLE.columns, "data": TABLE.rows}
+    assert "| win_rate | 0.500 | 0.600 |" in artifacts["evaluation.md"]
+    assert (run.info.status, run.info.run_name) == ("FINISHED", tmp_path.name)
 
 
 def test_no_backends_no_tracker_files(tmp_path):
