@@ -166,7 +166,8 @@ class TrainConfig(_Section):
         300, gt=0, description="A worker that makes no progress for this long (a collective"
         " that does not return, a frozen process) is ended with an error naming the round,"
         " step, phase and ranks; then max_failures applies. Also the process-group timeout."
-        " Must exceed the longest single phase (loading the model, one step, a checkpoint).")
+        " Must exceed the longest phase after setup (one step, a checkpoint, the export);"
+        " setup (loading the model, building DeepSpeed and its ops) is allowed 3x this.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

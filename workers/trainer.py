@@ -34,6 +34,7 @@ from workers.watchdog import Watchdog, inject_stall, is_permanent
 DS_TAG = "deepspeed"  # the DeepSpeed checkpoint tag inside a Ray Train checkpoint
 EXPORT_MARKER = "rayalign_export.json"  # marks the final HF export among the checkpoints
 STOP_MARKER = "rayalign_stopped.json"  # marks a run stopped on NaN/inf (holds the batch ids)
+SETUP_TIMEOUT_FACTOR = 3  # setup phases may take this many stall timeouts (workers.watchdog)
 
 
 @dataclass
@@ -266,15 +267,19 @@ def _train(cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    def progress(step: int, phase: str) -> None:
+    def progress(step: int, phase: str, timeout_s: float | None = None) -> None:
         if watchdog is not None:
-            watchdog.progress(step, phase)
+            watchdog.progress(step, phase, timeout_s)
+
+    # loading the model and building DeepSpeed (a first run compiles its ops) may take
+    # longer than a step: SETUP_TIMEOUT_FACTOR times the stall timeout
+    setup_timeout = SETUP_TIMEOUT_FACTOR * cfg.stall_timeout_s
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
 
-    progress(0, "load")
+    progress(0, "load", setup_timeout)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and _report_final(checkpoint, rank):
         return  # an earlier attempt finished (or stopped); its outcome stands
@@ -286,12 +291,12 @@ def _train(cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None) -> None:
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.optimizer_steps))
-    progress(0, "deepspeed init")
+    progress(0, "deepspeed init", setup_timeout)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=ResponseLogps(model, cfg.logprob_chunk_size, cfg.head_calls), optimizer=optimizer,
         lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     device = engine.device
-    progress(0, "restore")
+    progress(0, "restore", setup_timeout)
     state = _restore(engine, checkpoint) if checkpoint is not None else LoopState()
     resumed_from = state.step
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, skipped=state.skipped)

@@ -153,6 +153,7 @@ class Watchdog:
         self.board, self.who, self.timeout_s = board, who, timeout_s
         self.beat_s = beat_s or max(0.5, min(5.0, timeout_s / 10))
         self.step, self.phase, self.progressed_at, self.armed = 0, "start", time.time(), True
+        self.phase_timeout_s = timeout_s
         self._main = threading.get_ident()  # the thread that works (Ray Train V2 runs it apart)
         self._stop = threading.Event()
         if board is not None:
@@ -162,8 +163,10 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name=f"watchdog-{who}", daemon=True)
         self._thread.start()
 
-    def progress(self, step: int, phase: str) -> None:
+    def progress(self, step: int, phase: str, timeout_s: float | None = None) -> None:
+        """Mark progress; `timeout_s` allows this phase longer than the default (setup)."""
         self.step, self.phase, self.progressed_at, self.armed = step, phase, time.time(), True
+        self.phase_timeout_s = timeout_s or self.timeout_s
         self._main = threading.get_ident()  # the thread to dump if it gets stuck here
 
     def idle(self) -> None:
@@ -187,7 +190,7 @@ class Watchdog:
                 self.board.beat.remote(self.who, self.step, self.phase,
                                        self.progressed_at if self.armed else time.time())
             idle = time.time() - self.progressed_at
-            if self.armed and idle > self.timeout_s and not self._stop.is_set():
+            if self.armed and idle > self.phase_timeout_s and not self._stop.is_set():
                 stack = self._stack()
                 print(f"rayalign watchdog: {self.who} made no progress for {idle:.0f} s at"
                       f" step {self.step} (phase {self.phase!r}); ending this process so the"
