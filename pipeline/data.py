@@ -72,7 +72,7 @@ def _text(value: Any, field: str) -> Any:
 
 def _message(m: Any, where: str) -> dict[str, str]:
     """One ``{role, content}`` or ShareGPT ``{from, value}`` message → ``{role, content}``."""
-    sharegpt = isinstance(m, dict) and "from" in m and "role" not in m
+    sharegpt = isinstance(m, dict) and m.get("from") is not None and m.get("role") is None
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     if isinstance(m, dict):
         m = {k: _text(m.get(k), f"{where}.{k}") for k in (role_key, content_key)}
@@ -199,7 +199,7 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
         raise BadRow("wrong_type", f"{prompt_field}: expected text or messages,"
                      f" got {type(prompt_value).__name__}")
     sharegpt = isinstance(prompt_value, (list, tuple)) and isinstance(prompt_value[0], dict) \
-        and "from" in prompt_value[0]
+        and prompt_value[0].get("from") is not None
     texts = []
     for col in (f.chosen, f.rejected):
         value = _text(row.get(col), col)
