@@ -7,7 +7,9 @@ its key path. Relative paths are taken relative to the current working directory
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,19 +62,22 @@ class ModelConfig(_Section):
 
 
 class FieldMap(_Section):
-    """Column names in the input parquet files."""
+    """Column (or JSON key) names in the input rows."""
 
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
     messages: str = "messages"
+    conversations: str = "conversations"  # ShareGPT turns ({from, value}), when no prompt/messages
     chosen_score: str = "chosen_score"
     rejected_score: str = "rejected_score"
     id: str = "id"
 
 
 class DataConfig(_Section):
-    train: list[str] = Field(min_length=1, description="Parquet paths or globs (any pyarrow fs).")
+    train: list[str] = Field(min_length=1, description="Paths, globs or URIs (any pyarrow fs) of"
+                             " parquet, JSON, JSON Lines files or save_to_disk directories, or"
+                             " HF datasets names in the local cache (org/name[:split]).")
     eval: list[str] = Field(default_factory=list)
     fields: FieldMap = Field(default_factory=FieldMap)
     system_prompt: str | None = None
@@ -482,8 +487,17 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     return parse_config(raw, str(path))
 
 
+DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".ndjson", ".arrow")
+# an HF datasets name as `load_dataset` takes it, with an optional split: org/name:test
+_DATASET_NAME = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(:(?P<split>[\w.-]+))?$")
+
+
 def expand_paths(patterns: list[str], what: str) -> list[str]:
-    """Expand local globs; remote URIs (s3://, gs://, …) are passed through to pyarrow."""
+    """The files behind `patterns`: local globs expanded, directories replaced by their
+    .parquet files (a `datasets` ``save_to_disk`` directory by its .arrow shards), an HF
+    datasets name (``org/name`` or ``name``, optional ``:split``, default ``train``) not
+    found on disk resolved to its .arrow files in the local datasets cache, offline; remote
+    URIs (s3://, gs://, …) are passed through to pyarrow."""
     out: list[str] = []
     for pattern in patterns:
         if "://" in pattern:
@@ -491,16 +505,76 @@ def expand_paths(patterns: list[str], what: str) -> list[str]:
             continue
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
-            raise ConfigError(f"{what}: no file matches {pattern!r}")
+            out.extend(_cached_dataset_files(pattern, what))
+            continue
         for m in matches:
             if os.path.isdir(m):
-                found = sorted(glob.glob(os.path.join(m, "**", "*.parquet"), recursive=True))
-                if not found:
-                    raise ConfigError(f"{what}: directory {m!r} holds no .parquet files")
-                out.extend(found)
+                out.extend(_directory_files(m, what))
             else:
                 out.append(m)
     return out
+
+
+def _directory_files(path: str, what: str) -> list[str]:
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            splits = json.load(f).get("splits", [])
+        raise ConfigError(f"{what}: {path!r} is a DatasetDict saved with save_to_disk (splits:"
+                          f" {', '.join(splits)}); name one split's directory, e.g."
+                          f" {os.path.join(path, splits[0] if splits else 'train')!r}")
+    if os.path.isfile(os.path.join(path, "state.json")):  # Dataset.save_to_disk
+        with open(os.path.join(path, "state.json")) as f:
+            shards = [os.path.join(path, d["filename"]) for d in json.load(f)["_data_files"]]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing or not shards:
+            raise ConfigError(f"{what}: save_to_disk directory {path!r} lacks its shards"
+                              f" {missing or '(none listed in state.json)'}")
+        return shards
+    found = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+    if not found:
+        raise ConfigError(f"{what}: directory {path!r} holds no .parquet files (nor is it a"
+                          " `datasets` save_to_disk directory)")
+    return found
+
+
+def _cached_dataset_files(pattern: str, what: str) -> list[str]:
+    """An HF datasets name → the .arrow files of its split in the local datasets cache
+    (HF_DATASETS_CACHE, read now), without the network; ConfigError if it is not there."""
+    if not is_dataset_name(pattern):
+        raise ConfigError(f"{what}: no file matches {pattern!r}")
+    match = _DATASET_NAME.match(pattern)
+    name, split = match["name"], match["split"] or "train"
+    import datasets
+    from datasets.packaged_modules.cache.cache import Cache
+
+    cache_dir = os.environ.get("HF_DATASETS_CACHE") or str(datasets.config.HF_DATASETS_CACHE)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # the cache builder warns on every lookup
+    try:
+        builder = Cache(cache_dir=cache_dir, repo_id=name, dataset_name=name.split("/")[-1],
+                        version="auto", hash="auto")
+        splits = list(builder.info.splits or {})
+        if split not in splits:
+            raise ConfigError(f"{what}: the cached dataset {name!r} has no split {split!r}"
+                              f" (splits: {', '.join(splits)}); write {name}:SPLIT")
+        return [f["filename"] for f in builder.as_dataset(split=split).cache_files]
+    except ConfigError:
+        raise
+    except ValueError as err:  # the cache builder's error for a name it does not hold
+        if "Couldn't find cache" not in str(err):
+            raise ConfigError(f"{what}: {pattern!r} in the local HF datasets cache ({cache_dir}):"
+                              f" {err}") from None
+        raise ConfigError(f"{what}: {pattern!r} is neither a path nor a dataset in the local HF"
+                          f" datasets cache ({cache_dir})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def is_dataset_name(value: str) -> bool:
+    """`value` can only mean an HF datasets name: no such local path, no glob or URI, no
+    data-file suffix, and spelled like ``org/name[:split]``."""
+    return (_DATASET_NAME.match(value) is not None and not os.path.exists(value)
+            and not value.lower().endswith(DATA_SUFFIXES))
 
 
 def check_paths(cfg: RunConfig) -> list[str]:
@@ -588,9 +662,9 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     cfg.model.policy = fix(cfg.model.policy)
     cfg.model.reference = fix(cfg.model.reference)
     cfg.model.tokenizer = fix(cfg.model.tokenizer)
-    cfg.data.train = [fix(p) for p in cfg.data.train]
-    cfg.data.eval = [fix(p) for p in cfg.data.eval]
-    cfg.rounds.prompts = [fix(p) for p in cfg.rounds.prompts]
+    cfg.data.train = [p if is_dataset_name(p) else fix(p) for p in cfg.data.train]
+    cfg.data.eval = [p if is_dataset_name(p) else fix(p) for p in cfg.data.eval]
+    cfg.rounds.prompts = [p if is_dataset_name(p) else fix(p) for p in cfg.rounds.prompts]
     cfg.reference.cache_dir = fix(cfg.reference.cache_dir, always_local=True)
     if cfg.reward is not None:
         cfg.reward.model = fix(cfg.reward.model)

@@ -7,7 +7,10 @@ Ray Data blocks. Accepted input shapes per row:
 - chat: ``prompt`` a list of ``{"role", "content"}`` messages, ``chosen``/``rejected`` a list
   holding the assistant turn (TRL conversational), or the whole conversation including
   the prompt turns (UltraFeedback style; the shared prefix becomes the prompt);
-- ``messages`` (the prompt turns) with string or message-list completions.
+- ``messages`` (the prompt turns) with string or message-list completions;
+- ShareGPT (LLaMA-Factory's DPO layout): ``conversations`` a list of ``{"from", "value"}``
+  turns (``human``/``gpt``/``system``), ``chosen``/``rejected`` one ``{"from": "gpt", ...}``
+  message each (a single message dict, ShareGPT or role/content, stands for a one-message list).
 
 Column names come from ``data.fields``; text may be ``string`` or ``binary`` (UTF-8) columns.
 """
@@ -23,6 +26,7 @@ from typing import Any, Literal
 from pipeline.config import DataConfig, LossConfig, loss_needs
 
 ROLES = {"system", "user", "assistant", "tool"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # `from` → role
 
 
 class BadRow(ValueError):
@@ -44,6 +48,8 @@ class Pair:
     chosen_score: float
     rejected_score: float
     id: str
+    prompt_field: str = "prompt"  # where the prompt turns came from, for error messages
+    content_key: str = "content"
 
 
 def loss_requires_scores(loss: LossConfig) -> bool:
@@ -64,20 +70,32 @@ def _text(value: Any, field: str) -> Any:
             from None
 
 
+def _message(m: Any, where: str) -> dict[str, str]:
+    """One ``{role, content}`` or ShareGPT ``{from, value}`` message → ``{role, content}``."""
+    sharegpt = isinstance(m, dict) and m.get("from") is not None and m.get("role") is None
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    if isinstance(m, dict):
+        m = {k: _text(m.get(k), f"{where}.{k}") for k in (role_key, content_key)}
+    if not isinstance(m, dict) or not isinstance(m.get(role_key), str) \
+            or not isinstance(m.get(content_key), str):
+        raise BadRow("bad_messages", f"{where}: expected {{'{role_key}': str, '{content_key}': str}}")
+    role = m[role_key]
+    if sharegpt:
+        if role not in SHAREGPT_ROLES:
+            raise BadRow("bad_messages", f"{where}.from: unknown ShareGPT role {role!r}"
+                         f" (expected one of {', '.join(SHAREGPT_ROLES)})")
+        role = SHAREGPT_ROLES[role]
+    elif role not in ROLES:
+        raise BadRow("bad_messages", f"{where}: unknown role {role!r}")
+    return {"role": role, "content": m[content_key]}
+
+
 def _messages(value: Any, field: str) -> Messages:
+    if isinstance(value, dict):  # one message (ShareGPT's chosen/rejected)
+        value = [value]
     if not isinstance(value, (list, tuple)) or not value:
         raise BadRow("bad_messages", f"{field}: expected a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if isinstance(m, dict):
-            m = {k: _text(m.get(k), f"{field}[{i}].{k}") for k in ("role", "content")}
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise BadRow("bad_messages", f"{field}[{i}]: expected {{'role': str, 'content': str}}")
-        if m["role"] not in ROLES:
-            raise BadRow("bad_messages", f"{field}[{i}]: unknown role {m['role']!r}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
 
 
 def _check_prompt_roles(prompt: Messages, field: str) -> None:
@@ -131,25 +149,23 @@ def _plain_text(text: str, field: str, policy: str) -> str:
     return text.translate(_STRIP) if policy == "strip" else text
 
 
-def _controls(prompt: str | Messages, chosen: str, rejected: str, cfg: DataConfig
-              ) -> tuple[str | Messages, str, str]:
+def _controls(pair: Pair, cfg: DataConfig) -> Pair:
     """Every text of a pair through `_plain_text` (fields named as `_texts` names them)."""
-    f, policy = cfg.fields, cfg.control_characters
-    if isinstance(prompt, str):
-        prompt = _plain_text(prompt, f.prompt, policy)
-    else:
-        prompt = [{**m, "content": _plain_text(m["content"], f"{f.prompt}[{i}].content", policy)}
-                  for i, m in enumerate(prompt)]
-    return prompt, _plain_text(chosen, f.chosen, policy), _plain_text(rejected, f.rejected, policy)
+    policy = cfg.control_characters
+    texts = [_plain_text(text, field, policy) for field, text in _texts(pair, cfg)]
+    *prompt, chosen, rejected = texts
+    pair.prompt = prompt[0] if isinstance(pair.prompt, str) else \
+        [{**m, "content": t} for m, t in zip(pair.prompt, prompt)]
+    pair.chosen, pair.rejected = chosen, rejected
+    return pair
 
 
-def _texts(prompt: str | Messages, chosen: str, rejected: str, cfg: DataConfig
-           ) -> list[tuple[str, str]]:
+def _texts(pair: Pair, cfg: DataConfig) -> list[tuple[str, str]]:
     """(field, text) of every piece of text a pair holds."""
-    f = cfg.fields
-    out = [(f.prompt, prompt)] if isinstance(prompt, str) else \
-        [(f"{f.prompt}[{i}].content", m["content"]) for i, m in enumerate(prompt)]
-    return out + [(f.chosen, chosen), (f.rejected, rejected)]
+    f, p = cfg.fields, pair.prompt_field
+    out = [(p, pair.prompt)] if isinstance(pair.prompt, str) else \
+        [(f"{p}[{i}].{pair.content_key}", m["content"]) for i, m in enumerate(pair.prompt)]
+    return out + [(f.chosen, pair.chosen), (f.rejected, pair.rejected)]
 
 
 def _score(row: dict[str, Any], column: str, required: bool) -> float:
@@ -169,7 +185,8 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
     """Validate one input row and bring it to a `Pair`; raise BadRow otherwise.
     `requires_scores`: quarantine pairs without finite scores (see `loss_requires_scores`)."""
     f = cfg.fields
-    prompt_field = f.prompt if row.get(f.prompt) is not None else f.messages
+    prompt_field = next((k for k in (f.prompt, f.messages, f.conversations)
+                         if row.get(k) is not None), f.prompt)
     prompt_value = _text(row.get(prompt_field), prompt_field)
     prompt: str | Messages | None
     if prompt_value is None:
@@ -181,12 +198,14 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
     else:
         raise BadRow("wrong_type", f"{prompt_field}: expected text or messages,"
                      f" got {type(prompt_value).__name__}")
+    sharegpt = isinstance(prompt_value, (list, tuple)) and isinstance(prompt_value[0], dict) \
+        and prompt_value[0].get("from") is not None
     texts = []
     for col in (f.chosen, f.rejected):
         value = _text(row.get(col), col)
         if value is None:
             raise BadRow("missing_field", f"{col} is missing or null")
-        if not isinstance(value, (str, list, tuple)):
+        if not isinstance(value, (str, list, tuple, dict)):
             raise BadRow("wrong_type", f"{col}: expected text or messages, got {type(value).__name__}")
         text, head = _response(value, prompt if isinstance(prompt, list) else None, col)
         if head is not None:
@@ -194,24 +213,26 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
             if isinstance(prompt, str) and head[-1]["content"].strip() != prompt.strip():
                 raise BadRow("bad_role_sequence",
                              f"{col}: the conversation's last prompt turn is not {prompt_field}")
-            prompt = head
+            prompt, prompt_field = head, f.prompt
         texts.append(text)
     if prompt is None:
         raise BadRow("missing_field", f"{f.prompt} is missing or null (and no conversation prefix)")
-    prompt, *texts = _controls(prompt, texts[0], texts[1], cfg)
-    if isinstance(prompt, list):
-        _check_prompt_roles(prompt, f.prompt)
-    elif not prompt.strip():
-        raise BadRow("empty_prompt", f"{f.prompt} is empty")
-    for col, text in zip((f.chosen, f.rejected), texts):
+    row_id = row.get(f.id)
+    pair = _controls(Pair(prompt, texts[0], texts[1], math.nan, math.nan,
+                          "" if row_id is None else str(_text(row_id, f.id)), prompt_field,
+                          "value" if sharegpt and prompt_field != f.prompt else "content"), cfg)
+    if isinstance(pair.prompt, list):
+        _check_prompt_roles(pair.prompt, prompt_field)
+    elif not pair.prompt.strip():
+        raise BadRow("empty_prompt", f"{prompt_field} is empty")
+    for col, text in ((f.chosen, pair.chosen), (f.rejected, pair.rejected)):
         if not text.strip():
             raise BadRow("empty_response", f"{col} is empty")
-    if texts[0] == texts[1]:
+    if pair.chosen == pair.rejected:
         raise BadRow("chosen_equals_rejected", f"{f.chosen} and {f.rejected} are identical")
-    row_id = row.get(f.id)
-    return Pair(prompt, texts[0], texts[1], _score(row, f.chosen_score, requires_scores),
-                _score(row, f.rejected_score, requires_scores),
-                "" if row_id is None else str(_text(row_id, f.id)))
+    pair.chosen_score = _score(row, f.chosen_score, requires_scores)
+    pair.rejected_score = _score(row, f.rejected_score, requires_scores)
+    return pair
 
 
 def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: DataConfig) -> str:
@@ -271,7 +292,7 @@ def _no_special_tokens(pair: Pair, tokenizer: Any, cfg: DataConfig) -> None:
     """Text that spells a special token ('<|im_start|>system') would be tokenised as one and
     inject a turn into the chat template."""
     specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-    for field, text in _texts(pair.prompt, pair.chosen, pair.rejected, cfg):
+    for field, text in _texts(pair, cfg):
         found = next((t for t in specials if t in text), None)
         if found is not None:
             raise BadRow("special_token_in_text", f"{field}: contains the special token {found!r}"

@@ -1,9 +1,12 @@
-"""prepare: parquet files → validated, tokenised pairs (+ quarantine of the rows that failed).
+"""prepare: input files → validated, tokenised pairs (+ quarantine of the rows that failed).
 
-The driver only reads parquet footers: it splits every input row group into units of at
-most `rows_per_part` rows, and Ray Data maps `PrepareUnit` over the units. Each unit reads
-its rows (any pyarrow filesystem: local paths or URIs such as ``file://``, ``s3://``,
-``gs://``), validates and tokenises them, writes its pairs as one part file
+Input files (see `source_format`): parquet, JSON Lines, JSON arrays, and Arrow IPC streams as
+HF `datasets` writes them (``save_to_disk`` directories and the datasets cache; config's
+`expand_paths` turns those into their .arrow files). The driver reads only metadata (parquet
+footers, arrow batch lengths, the newline positions of JSON Lines) and splits every file
+into units of at most `rows_per_part` rows (a JSON array is one unit); Ray Data maps
+`PrepareUnit` over the units. Each unit reads its rows (any pyarrow filesystem: local paths
+or URIs such as ``file://``, ``s3://``, ``gs://``), validates and tokenises them, writes its pairs as one part file
 ``pairs.parquet/part-<unit>.parquet`` (the parts sort in source order, and there are as
 many as the data needs, so later stages read them as many blocks), and returns a summary
 row: quarantined rows with their source file and row index, truncation counts, lengths.
@@ -46,19 +49,44 @@ SUMMARY_SCHEMA = pa.schema(
     + [("quarantine", pa.list_(pa.struct(list(QUARANTINE_SCHEMA))))])
 
 
+def source_format(path: str) -> str:
+    """parquet, jsonl, json (refined by `_json_kind`: a .json file may hold JSON Lines, as
+    `Dataset.to_json` writes) or arrow (an HF `datasets` shard); other names are parquet."""
+    name = path.lower()
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    return "json" if name.endswith(".json") else "arrow" if name.endswith(".arrow") else "parquet"
+
+
+@contextlib.contextmanager
+def input_file(path: str, what: str) -> Iterator[pa.NativeFile]:
+    """A random-access file by local path (memory-mapped) or by URI on any pyarrow
+    filesystem; errors (also those raised while it is read) name the file."""
+    try:
+        if "://" in path:
+            fs, inner = pafs.FileSystem.from_uri(path)
+            source = fs.open_input_file(inner)
+        else:
+            source = pa.memory_map(path)
+        with source:
+            yield source
+    except (OSError, pa.ArrowException) as err:  # pyarrow raises several types for a bad file
+        raise ConfigError(f"{path}: cannot read as {what}: {err}") from None
+
+
 @contextlib.contextmanager
 def parquet_file(path: str) -> Iterator[pq.ParquetFile]:
-    """A parquet file by local path or by URI on any pyarrow filesystem; errors name the file."""
+    with input_file(path, "parquet") as source:
+        yield pq.ParquetFile(source)
+
+
+def arrow_table(source: pa.NativeFile) -> pa.Table:
+    """An Arrow IPC stream (what `datasets` writes) or file; zero-copy when memory-mapped."""
     try:
-        with contextlib.ExitStack() as stack:
-            if "://" in path:
-                fs, inner = pafs.FileSystem.from_uri(path)
-                source: Any = stack.enter_context(fs.open_input_file(inner))
-            else:
-                source = path
-            yield pq.ParquetFile(source)
-    except (OSError, pa.ArrowException) as err:  # pyarrow raises several types for a bad file
-        raise ConfigError(f"{path}: cannot read as parquet: {err}") from None
+        return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_file(source).read_all()
 
 
 def expand_uris(paths: list[str]) -> list[str]:
@@ -81,21 +109,143 @@ def expand_uris(paths: list[str]) -> list[str]:
     return out
 
 
+UNIT_KEYS = ("part", "path", "format", "row_group", "start", "length", "first_row")
+_CHUNK = 16 << 20  # bytes scanned at a time for the newlines of JSON Lines
+
+
 def row_group_units(paths: list[str], rows_per_part: int = 4096) -> list[dict[str, Any]]:
-    """Units of work: slices of at most `rows_per_part` rows of one row group, in source
-    order; `first_row` is the index in its file of the slice's first row."""
-    units = []
+    """Units of work in source order, each at most `rows_per_part` rows of one file;
+    `first_row` is the index in its file of the unit's first row (for JSON Lines its line).
+    parquet: `start`/`length` rows of row group `row_group`; arrow: rows of the file;
+    jsonl: `start`/`length` bytes (whole lines); json (an array): the whole file."""
+    units: list[dict[str, Any]] = []
     for path in paths:
+        for unit in _file_units(path, rows_per_part):
+            units.append({"part": len(units), "path": path, **unit})
+    return units
+
+
+def _file_units(path: str, rows_per_part: int) -> Iterator[dict[str, Any]]:
+    fmt = source_format(path)
+    if fmt == "parquet":
         with parquet_file(path) as f:
             meta = f.metadata
         first = 0
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
             for start in range(0, n, rows_per_part):
-                units.append({"part": len(units), "path": path, "row_group": rg, "start": start,
-                              "length": min(rows_per_part, n - start), "first_row": first + start})
+                yield {"format": fmt, "row_group": rg, "start": start,
+                       "length": min(rows_per_part, n - start), "first_row": first + start}
             first += n
-    return units
+    elif fmt == "arrow":
+        with input_file(path, "arrow (HF datasets)") as f:
+            n = arrow_table(f).num_rows
+        for start in range(0, n, rows_per_part):
+            yield {"format": fmt, "row_group": 0, "start": start,
+                   "length": min(rows_per_part, n - start), "first_row": start}
+    else:
+        with input_file(path, "JSON") as f:
+            size = f.size()
+            if fmt == "json" and _first_byte(f) == b"[":
+                yield {"format": "json", "row_group": 0, "start": 0, "length": size,
+                       "first_row": 0}
+                return
+            starts = _line_starts(f, size, rows_per_part)
+        for i, (a, b) in enumerate(zip(starts, starts[1:] + [size])):
+            if a < size:
+                yield {"format": "jsonl", "row_group": 0, "start": a, "length": b - a,
+                       "first_row": i * rows_per_part}
+
+
+def _first_byte(f: pa.NativeFile) -> bytes:
+    head = f.read_at(min(f.size(), 4096), 0).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1]
+
+
+def _line_starts(f: pa.NativeFile, size: int, rows_per_part: int) -> list[int]:
+    """Byte offsets where lines 0, k, 2k, … start (k = rows_per_part), from a vectorised scan
+    for newlines: no row is parsed here."""
+    starts, lines, pos = [0], 0, 0
+    while pos < size:
+        chunk = np.frombuffer(f.read_at(min(_CHUNK, size - pos), pos), np.uint8)
+        newlines = np.flatnonzero(chunk == 10)
+        line_after = lines + 1 + np.arange(len(newlines))
+        starts += (pos + newlines[line_after % rows_per_part == 0] + 1).tolist()
+        lines, pos = lines + len(newlines), pos + len(chunk)
+    return starts
+
+
+def read_unit(path: str, fmt: str, row_group: int, start: int, length: int, first_row: int
+              ) -> list[tuple[int, Any, BadRow | None]]:
+    """(row index in the file, row, None) per row of a unit; a JSON line that cannot be a
+    row comes back as (index, its text, BadRow) so it is quarantined with the others."""
+    if fmt == "parquet":
+        with parquet_file(path) as f:
+            table = f.read_row_group(row_group).slice(start, length)
+    elif fmt == "arrow":
+        with input_file(path, "arrow (HF datasets)") as f:
+            table = arrow_table(f).slice(start, length)
+    else:
+        with input_file(path, "JSON") as f:
+            data = f.read_at(length, start)
+        return _json_rows(path, data, first_row) if fmt == "json" else \
+            _json_lines(data, first_row, first=start == 0)
+    return [(first_row + i, row, None) for i, row in enumerate(table_rows(table))]
+
+
+def file_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(row index, row) of every row of one input file of any format, read here (for small
+    files such as the prompt lists online rounds sample from); a row that is not a JSON
+    object stops it with an error naming the file and row."""
+    out = []
+    for u in row_group_units([path], rows_per_part=1 << 40):
+        for i, row, error in read_unit(*(u[k] for k in UNIT_KEYS[1:])):
+            if error is not None:
+                raise ConfigError(f"{path}: row {i}: {error}")
+            out.append((i, row))
+    return out
+
+
+def _json_rows(path: str, data: bytes, first_row: int) -> list[tuple[int, Any, BadRow | None]]:
+    """A JSON array of row objects (LLaMA-Factory's files); the file must parse as a whole."""
+    try:
+        rows = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err.msg} at line {err.lineno} column"
+                          f" {err.colno}") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path}: expected a JSON array of row objects (or JSON Lines),"
+                          f" got a JSON {type(rows).__name__}")
+    return [(first_row + i, row, None if isinstance(row, dict) else BadRow(
+        "wrong_type", f"row: expected a JSON object, got {type(row).__name__}"))
+        for i, row in enumerate(rows)]
+
+
+def _json_lines(data: bytes, first_row: int, first: bool) -> list[tuple[int, Any, BadRow | None]]:
+    """One row object per line; blank lines are skipped (and keep their line number)."""
+    out: list[tuple[int, Any, BadRow | None]] = []
+    for i, line in enumerate(data.split(b"\n")):
+        if first and i == 0:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            out.append((first_row + i, line.decode("utf-8", "replace"), BadRow(
+                "undecodable_text", f"line {first_row + i + 1}: not UTF-8 ({err.reason} at"
+                f" byte {err.start})")))
+            continue
+        except json.JSONDecodeError as err:
+            out.append((first_row + i, line.decode(), BadRow(
+                "bad_json", f"line {first_row + i + 1}: {err.msg} at column {err.colno}")))
+            continue
+        out.append((first_row + i, row, None if isinstance(row, dict) else BadRow(
+            "wrong_type", f"line {first_row + i + 1}: expected a JSON object, got"
+            f" {type(row).__name__}")))
+    return out
 
 
 def _binary_text(t: pa.DataType) -> pa.DataType:
@@ -141,25 +291,26 @@ class PrepareUnit:
         self.parts_dir = Path(parts_dir)
 
     def __call__(self, units: dict[str, np.ndarray]) -> pa.Table:
-        keys = ("part", "path", "row_group", "start", "length", "first_row")
         return pa.Table.from_pylist([self.unit(*(u.item() if hasattr(u, "item") else u
                                                  for u in values))
-                                     for values in zip(*(units[k] for k in keys))], SUMMARY_SCHEMA)
+                                     for values in zip(*(units[k] for k in UNIT_KEYS))],
+                                    SUMMARY_SCHEMA)
 
-    def unit(self, part: int, path: str, row_group: int, start: int, length: int,
+    def unit(self, part: int, path: str, format: str, row_group: int, start: int, length: int,
              first_row: int) -> dict[str, Any]:
-        with parquet_file(path) as f:
-            table = f.read_row_group(row_group).slice(start, length)
         good, bad = [], []
-        for offset, row in enumerate(table_rows(table)):
-            where = {"source_file": path, "source_row": first_row + offset}
+        for source_row, row, error in read_unit(path, format, row_group, start, length,
+                                                first_row):
+            where = {"source_file": path, "source_row": source_row}
             try:
+                if error is not None:
+                    raise error
                 out = tokenize_pair(normalize_row(row, self.cfg, self.requires_scores),
                                     self.tokenizer, self.cfg)
                 out["id"] = out["id"] or f"{Path(path).name}:{where['source_row']}"
                 good.append({**out, **where})
             except BadRow as err:
-                row_id = row.get(self.cfg.fields.id)
+                row_id = row.get(self.cfg.fields.id) if isinstance(row, dict) else None
                 bad.append({**where, "id": None if row_id is None else str(row_id),
                             "reason": err.reason, "detail": err.detail, "row_json": row_json(row)})
         tmp = self.parts_dir / f".part-{part:06d}.tmp"

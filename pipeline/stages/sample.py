@@ -22,6 +22,7 @@ def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, A
         from transformers import AutoTokenizer
 
         from pipeline.data import render_prompt
+        from pipeline.stages.prepare import file_rows
 
         tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
                                             trust_remote_code=cfg.model.trust_remote_code)
@@ -29,7 +30,7 @@ def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, A
                                 system_prompt=cfg.data.system_prompt)
         pool = []
         for path in expand_paths(cfg.rounds.prompts, "rounds.prompts"):
-            for i, row in enumerate(pq.read_table(path).to_pylist()):
+            for i, row in file_rows(path):
                 prompt = row.get("prompt") if row.get("prompt") is not None else row.get("messages")
                 if prompt is None:
                     raise ValueError(f"{path}: row {i}: no 'prompt' (or 'messages') value")

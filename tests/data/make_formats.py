@@ -1,14 +1,18 @@
 """Writes the tiny input files under tests/data/formats/ (committed; run again after a change).
 
-Every *format* file holds the same three preference pairs in one input shape; the *bad*
-files hold one row per way a row can fail, with the reason expected in column ``expect``
-(under ``requires_scores=True``, ``truncation: drop``, ``max_prompt_tokens: 48``).
+Every *format* file holds the same three preference pairs in one input shape (parquet, and
+JSON / JSON Lines / a `datasets` save_to_disk directory for the newer ones); the *bad*
+parquet files hold one row per way a row can fail, with the reason expected in column
+``expect`` (under ``requires_scores=True``, ``truncation: drop``, ``max_prompt_tokens: 48``);
+the bad JSON files' reasons are in `BAD_JSON` (no scores required).
 
     .venv/bin/python tests/data/make_formats.py [OUT_DIR]
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,11 +42,19 @@ def assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
+def human(text: str) -> list[dict[str, str]]:
+    return [{"from": "human", "value": text}]
+
+
+def gpt(text: str) -> dict[str, str]:
+    return {"from": "gpt", "value": text}
+
+
 def format_rows() -> dict[str, list[dict[str, Any]]]:
     """The same pairs in every supported input shape."""
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in (
         "strings", "scored", "trl_chat", "trl_implicit", "ultrafeedback", "messages",
-        "custom_fields")}
+        "custom_fields", "sharegpt")}
     for i, ((p, c, r), (sc, sr)) in enumerate(zip(PAIRS, SCORES)):
         out["strings"].append({"prompt": p, "chosen": c, "rejected": r})
         out["scored"].append({"id": f"s{i}", "prompt": p, "chosen": c, "rejected": r,
@@ -58,7 +70,56 @@ def format_rows() -> dict[str, list[dict[str, Any]]]:
         out["messages"].append({"messages": user(p), "chosen": c, "rejected": r})
         out["custom_fields"].append({"uid": f"c{i}", "question": p, "good": c, "bad": r,
                                      "good_reward": sc, "bad_reward": sr})
+        # LLaMA-Factory's DPO layout (formatting: sharegpt, ranking: true)
+        out["sharegpt"].append({"conversations": human(p), "chosen": gpt(c), "rejected": gpt(r)})
     return out
+
+
+# the non-parquet files: file name → the shape (format_rows key) it holds
+FILES = {"scored.jsonl": "scored", "trl_chat.json": "trl_chat", "sharegpt.json": "sharegpt",
+         "trl_implicit_saved": "trl_implicit"}
+
+
+def bad_sharegpt_rows() -> list[Any]:
+    """ShareGPT rows (a JSON array), each failing one way; the reason in `expect`."""
+    ok = [{"conversations": human(p), "chosen": gpt(c), "rejected": gpt(r), "expect": "ok"}
+          for p, c, r in PAIRS[:2]]
+    base = ok[0]
+    system = {"from": "system", "value": "Be brief."}
+    return ok + [
+        {**base, "conversations": [{"from": "wizard", "value": "hi"}], "expect": "bad_messages"},
+        {**base, "conversations": [{"from": "human"}], "expect": "bad_messages"},
+        {**base, "conversations": [], "expect": "bad_messages"},
+        {**base, "conversations": human("hi") + [gpt("ok")], "expect": "bad_role_sequence"},
+        {**base, "conversations": human("hi") + [system] + human("hi"),
+         "expect": "bad_role_sequence"},
+        {**base, "chosen": {"from": "human", "value": "apple."}, "expect": "bad_role_sequence"},
+        {**base, "chosen": 3, "expect": "wrong_type"},
+        {**base, "rejected": None, "expect": "missing_field"},
+        {**base, "rejected": base["chosen"], "expect": "chosen_equals_rejected"},
+        {**base, "conversations": human("List two \x1b[2Jfruits."), "expect": "control_characters"},
+        {**base, "rejected": gpt("  "), "expect": "empty_response"},
+        "not a row",
+    ]
+
+
+def bad_lines() -> list[bytes]:
+    """JSON Lines: good rows between lines that are not rows (a blank line is skipped)."""
+    good = [json.dumps({"prompt": p, "chosen": c, "rejected": r}).encode() for p, c, r in PAIRS]
+    return [good[0], b"", b'{"prompt": "List two fruits.", "chosen": ', b"[1, 2]",
+            b'{"prompt": "List two fruits.", "chosen": "apple, \xff pear.", "rejected": "x."}',
+            good[1], good[2],
+            b'{"prompt": "List two fruits.", "chosen": "apple, pear.", "rejected": null}']
+
+
+# (source_row, reason) of the rows the bad JSON files quarantine; the other rows are pairs
+BAD_JSON = {
+    "bad_sharegpt.json": [(i, r if isinstance(r, str) else "wrong_type") for i, r in enumerate(
+        row["expect"] if isinstance(row, dict) else None for row in bad_sharegpt_rows())
+        if r != "ok"],
+    "bad_lines.jsonl": [(2, "bad_json"), (3, "wrong_type"), (4, "undecodable_text"),
+                        (7, "missing_field")],
+}
 
 
 def bad_string_rows() -> list[dict[str, Any]]:
@@ -123,7 +184,51 @@ def write_all(out: Path = OUT) -> list[Path]:
         path = out / f"{name}.parquet"
         pq.write_table(table, path, row_group_size=4)
         written.append(path)
-    return written
+    return written + write_new_formats(out)
+
+
+def write_new_formats(out: Path) -> list[Path]:
+    """JSON arrays, JSON Lines, ShareGPT in parquet, a `datasets` save_to_disk directory."""
+    import datasets
+
+    rows = format_rows()
+    for name, shape in FILES.items():
+        path = out / name
+        if name.endswith(".jsonl"):
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows[shape]))
+        elif name.endswith(".json"):
+            path.write_text(json.dumps(rows[shape], indent=2) + "\n")
+        elif name.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows[shape]), path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            datasets.Dataset.from_list(rows[shape]).save_to_disk(str(path))
+    (out / "bad_sharegpt.json").write_text(json.dumps(bad_sharegpt_rows(), indent=2) + "\n")
+    (out / "bad_lines.jsonl").write_bytes(b"\n".join(bad_lines()) + b"\n")
+    return [out / name for name in (*FILES, "bad_sharegpt.json", "bad_lines.jsonl")]
+
+
+def cache_dataset(rows: list[dict[str, Any]], repo_id: str, cache_dir: Path,
+                  splits: tuple[str, ...] = ("train",)) -> Path:
+    """Put `rows` into an HF datasets cache as `load_dataset(repo_id)` leaves a Hub dataset
+    there (<org>___<name>/default/0.0.0/<hash>/<name>-<split>.arrow + dataset_info.json),
+    built by the JSON builder from a file, so tests can load it by name offline."""
+    from datasets.packaged_modules.json.json import Json
+
+    org, name = repo_id.split("/")
+    src = cache_dir / f"{name}.source.jsonl"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builder = Json(data_files={s: str(src) for s in splits}, cache_dir=str(cache_dir),
+                   dataset_name=name, hash="0123abcd")
+    builder.download_and_prepare()
+    built = next((cache_dir / name).glob("default-*"))
+    target = cache_dir / f"{org}___{name}" / "default"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(built), target)
+    shutil.rmtree(cache_dir / name)
+    src.unlink()
+    return target
 
 
 if __name__ == "__main__":

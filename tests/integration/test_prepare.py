@@ -68,7 +68,7 @@ def test_prepare_globs_uris_and_formats(ray_cluster, toy_world, tmp_path):
     from pipeline.stages.prepare import run_prepare
 
     names = ["strings", "scored", "trl_chat", "trl_implicit", "messages"]
-    paths = expand_paths([str(FORMATS / "s*.parquet"), str(FORMATS / "trl_*.parquet")], "t")
+    paths = expand_paths([str(FORMATS / "s[ct]*.parquet"), str(FORMATS / "trl_*.parquet")], "t")
     paths.append((FORMATS / "messages.parquet").as_uri())
     assert sorted(Path(p.removeprefix("file://")).stem for p in paths) == sorted(names)
     cfg = DataConfig(train=["x"], chat_template="always", max_quarantine_fraction=0.0)
@@ -82,6 +82,48 @@ def test_prepare_globs_uris_and_formats(ray_cluster, toy_world, tmp_path):
     for p in pairs:
         tokens[p["source_file"]].append((p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]))
     assert len({repr(v) for v in tokens.values()}) == 1
+
+
+def test_prepare_new_formats_and_quarantine(ray_cluster, toy_world, tmp_path, monkeypatch):
+    """JSON, JSON Lines, ShareGPT (JSON and parquet), a save_to_disk directory and a datasets
+    name from the local cache, through Ray Data: the same three pairs as strings.parquet, each
+    with its file and row; the bad JSON files' rows quarantined with their exact reasons."""
+    import importlib.util
+
+    from pipeline.stages.prepare import run_prepare
+
+    spec = importlib.util.spec_from_file_location("make_formats", FORMATS.parent / "make_formats.py")
+    make_formats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_formats)
+    cache = tmp_path / "hf-cache"
+    make_formats.cache_dataset(make_formats.format_rows()["sharegpt"], "rayalign/tiny-prefs", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    sources = [str(FORMATS / f) for f in ("strings.parquet", "sharegpt.parquet",
+                                          *make_formats.FILES)] + ["rayalign/tiny-prefs"]
+    paths = expand_paths(sources, "data.train")
+    assert len(paths) == len(sources)  # each of these is one file
+    cfg = DataConfig(train=sources, chat_template="always", max_quarantine_fraction=0.0)
+    stats = run_prepare(paths, str(toy_world.model_dir), cfg, tmp_path / "out", False,
+                        rows_per_part=2)
+    assert (stats["pairs"], stats["quarantined"]) == (3 * len(paths), 0)
+    pairs = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
+    assert [(p["source_file"], p["source_row"]) for p in pairs] == \
+           [(f, i) for f in paths for i in range(3)]
+    tokens: dict[str, list] = {}
+    for p in pairs:
+        tokens.setdefault(p["source_file"], []).append(
+            (p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]))
+    assert len({repr(v) for v in tokens.values()}) == 1 and len(tokens) == len(paths)
+
+    bad = [str(FORMATS / name) for name in sorted(make_formats.BAD_JSON)]
+    cfg = DataConfig(train=bad, chat_template="always", max_quarantine_fraction=1.0)
+    stats = run_prepare(bad, str(toy_world.model_dir), cfg, tmp_path / "bad", False,
+                        rows_per_part=3)
+    q = pq.read_table(tmp_path / "bad" / "quarantine.parquet").to_pylist()
+    assert [(r["source_file"], r["source_row"], r["reason"]) for r in q] == \
+           [(f, i, reason) for f in bad for i, reason in make_formats.BAD_JSON[Path(f).name]]
+    assert all(r["detail"] and r["row_json"] for r in q)
+    assert stats["pairs"] == 2 + 3  # bad_lines.jsonl: 3 good lines; bad_sharegpt.json: 2 good rows
 
 
 def _consume_splits(ds, n: int, epochs: int) -> list[list[list[str]]]:

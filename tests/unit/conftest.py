@@ -41,9 +41,7 @@ def run_unit():
     def run(tok_dir, path, cfg, requires_scores, out):
         out.mkdir(parents=True, exist_ok=True)
         unit = PrepareUnit(str(tok_dir), cfg.model_dump(), False, requires_scores, str(out))
-        summaries = [unit.unit(**{k: u[k] for k in ("part", "path", "row_group", "start",
-                                                      "length", "first_row")})
-                     for u in row_group_units([path], rows_per_part=3)]
+        summaries = [unit.unit(**u) for u in row_group_units([path], rows_per_part=3)]
         quarantined = [q for s in summaries for q in s["quarantine"]]
         return quarantined, pq.read_table(out).to_pylist(), summaries
 
