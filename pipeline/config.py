@@ -358,7 +358,8 @@ def _format_errors(err: ValidationError, source: str, overridden: Iterable[str] 
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        if any(where == k or where.startswith(k + ".") for k in overridden):
+        if any(where == k or where.startswith(k + ".") or k.startswith(where + ".")
+               for k in overridden):
             msg += " (set by a command-line override)"
         lines.append(f"  - {where}: {msg}")
     return "\n".join(lines)
@@ -477,8 +478,8 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str)
             node = node[key]
             if not isinstance(node, dict):
                 where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"{source}: override {dotted}: {where} is a"
-                                  f" {type(node).__name__}, not a section with keys")
+                raise ConfigError(f"{source}: override {dotted}: {where} is"
+                                  f" {node!r}, not a section with keys")
         node[leaf] = value
     return raw
 
