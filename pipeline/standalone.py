@@ -1,8 +1,9 @@
 """Single stages over a finished run: `rayalign eval` and `rayalign export`.
 
 eval: a checkpoint (a round of a run, or any HF model directory) evaluated against the
-reference on a config's eval data, through the run's own stages (prepare → reference →
-evaluate of pipeline.dag, keyed and skippable like a run's) in a round of its own under
+reference on a config's eval data, through the run's stages (pipeline.dag's reference and
+evaluate, after a prepare of the eval split alone; keyed and skippable like a run's) in a
+round of its own under
 `<run_dir>/eval/` or `--out`. The checkpoint stands in for the round's train stage.
 
 export: a round's trained policy as a clean Hugging Face directory (weights as
@@ -16,8 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RoundsConfig, RunConfig, check_paths, with_absolute_paths
-from pipeline.manifest import Manifest, model_digest
+from pipeline.config import (
+    RoundsConfig,
+    RunConfig,
+    check_paths,
+    expand_paths,
+    with_absolute_paths,
+)
+from pipeline.manifest import Manifest, files_digest, model_digest
 
 
 class UsageError(ValueError):
@@ -60,15 +67,35 @@ def round_reference(run_dir: Path, cfg: RunConfig, round_index: int) -> str:
 # --- eval ---------------------------------------------------------------------------------
 
 def eval_config(cfg: RunConfig) -> RunConfig:
-    """The config of an evaluation round: one offline round that reads no training data
-    (so the prepare stage prepares, and the reference stage scores, the eval split only)."""
+    """The config of an evaluation round: one offline round (it samples and trains nothing)."""
     if not cfg.data.eval:
         raise UsageError("data.eval is empty: eval needs held-out pairs (set data.eval, e.g."
                          " as an override data.eval=[held_out.parquet])")
-    cfg = with_absolute_paths(cfg)
-    # model_copy(update=...) skips validation: data.train may be empty only here
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": []}),
-                                  "rounds": RoundsConfig()})
+    return with_absolute_paths(cfg).model_copy(update={"rounds": RoundsConfig()})
+
+
+def _prepare_eval_inputs(r: Any) -> dict[str, Any]:
+    """The key of the eval round's prepare stage: what pipeline.dag's prepare keys on, for
+    the eval files only (the training data is neither read nor needed)."""
+    from pipeline.data import loss_requires_scores
+
+    cfg = r.cfg
+    return {"files": {"eval": files_digest(expand_paths(cfg.data.eval, "data.eval"))},
+            "tokenizer": model_digest(cfg.model.tokenizer_path),
+            "data": cfg.data.model_dump(exclude={"train"}),
+            "requires_scores": loss_requires_scores(cfg.loss)}
+
+
+def _prepare_eval(r: Any, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The eval split through the prepare stage (so the reference stage scores it alone)."""
+    from pipeline.dag import console
+    from pipeline.stages.prepare import run_prepare
+
+    cfg = r.cfg
+    stats = run_prepare(expand_paths(cfg.data.eval, "data.eval"), cfg.model.tokenizer_path,
+                        cfg.data, out / "eval", cfg.model.trust_remote_code,
+                        requires_scores=inputs["requires_scores"], console=console)
+    return {"eval": "eval/pairs.parquet", "eval_stats": stats}
 
 
 def eval_problems(cfg: RunConfig) -> list[str]:
@@ -90,7 +117,7 @@ def run_eval(cfg: RunConfig, model_dir: Path, out_root: Path, round_index: int =
     import ray
 
     from pipeline.cluster import connect, worker_env
-    from pipeline.dag import OFFLINE_ROUND, Round, print_summary, run_stages
+    from pipeline.dag import OFFLINE_ROUND, Round, Stage, print_summary, run_stages
     from workers.metrics_sink import MetricsSink
 
     problems = eval_problems(cfg)
@@ -111,7 +138,8 @@ def run_eval(cfg: RunConfig, model_dir: Path, out_root: Path, round_index: int =
                "model_digest": digest}
     r.done["train"] = Manifest("train", digest, {"model": str(model_dir)}, outputs, 0.0, time.time())
     stages = {s.name: s for s in OFFLINE_ROUND}
-    run_stages(r, [stages["prepare"], stages["reference"], stages["evaluate"]])
+    prepare = Stage("prepare", _prepare_eval_inputs, _prepare_eval)
+    run_stages(r, [prepare, stages["reference"], stages["evaluate"]])
     ray.get(sink.set_context.remote())  # flush pending metric rows
     print_summary([r], out_root, [], info)
     return r.done["evaluate"].outputs["metrics"]

@@ -5,6 +5,7 @@ gets the same stage keys; and the eval/export commands' run-directory checks."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -129,8 +130,8 @@ def test_cli_dry_run_prints_the_overridden_config(config, tmp_path):
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "train.learning_rate=1e-4",
            "--dry-run", "loss.name=ipo", "train.adam_betas=[0.9,0.99]", "model.reference=null",
            "--run-dir", str(tmp_path / "run")]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     text = done.stdout.split("effective config:\n", 1)[1].split("\n\nplacement plan:", 1)[0]
     effective = json.loads(text)
@@ -139,9 +140,8 @@ def test_cli_dry_run_prints_the_overridden_config(config, tmp_path):
     assert effective["model"]["reference"] == "m"  # null: the policy, resolved
     assert effective["run_dir"] == str(tmp_path / "run")
     assert "beta" in effective["loss"]["params"]  # ipo's defaults resolved
-    bad = subprocess.run(cmd[:5] + ["train.learnin_rate=1e-4", "--dry-run"], capture_output=True,
-                         text=True, cwd=tmp_path, env={**__import__("os").environ,
-                                                       "PYTHONPATH": str(ROOT)})
+    bad = subprocess.run(cmd[:5] + ["train.learnin_rate=1e-4", "--dry-run"], check=False,
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "train.learnin_rate: unknown key" in bad.stderr
 
 
