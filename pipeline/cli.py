@@ -1,4 +1,8 @@
-"""`rayalign` command line: run | resume | toy | submit | status | logs."""
+"""`rayalign` command line: run | resume | eval | export | toy | submit | status | logs.
+
+Every command that reads a config takes overrides after it, torchtune/Hydra style:
+`rayalign run CONFIG train.learning_rate=1e-4 rounds.count=3 loss.name=ipo`; they are
+validated like the file (see pipeline.config.parse_overrides)."""
 
 from __future__ import annotations
 
@@ -7,15 +11,21 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, check_paths, load_config, validate_loss
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    check_paths,
+    load_config,
+    parse_overrides,
+    validate_loss,
+)
+from pipeline.standalone import UsageError
 from pipeline.submit import ClusterUnreachable, add_job_commands
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    overrides = {"run_dir": args.run_dir} if getattr(args, "run_dir", None) else {}
-    if getattr(args, "ray_address", None):
-        overrides["ray.address"] = args.ray_address
-    return load_config(args.config, overrides)
+    return load_config(args.config, parse_overrides(
+        args.overrides, {"run_dir": args.run_dir, "ray.address": args.ray_address}))
 
 
 def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
@@ -70,6 +80,37 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return resume_pipeline(Path(args.run_dir))
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.standalone import round_checkpoint, round_reference, run_eval
+
+    target = Path(args.target)
+    overrides = parse_overrides(args.overrides)
+    if (target / "config.yaml").is_file():  # a run directory: one of its rounds
+        cfg = load_config(args.config or target / "config.yaml", overrides)
+        k, model, train = round_checkpoint(target, args.round)
+        trained = {key: train.outputs[key] for key in
+                   ("num_pairs", "trained_pairs", "carried", "final_metrics") if key in train.outputs}
+        out = Path(args.out) if args.out else target / "eval"
+        run_eval(cfg, model, out, k, round_reference(target, cfg, k), trained)
+        return 0
+    if not args.config:
+        raise UsageError(f"{target} is not a run directory (no config.yaml): evaluating a model"
+                         " needs --config CONFIG (its eval data, reference and sampling)")
+    if args.round is not None:
+        raise UsageError("--round picks a round of a run directory; a model has none")
+    cfg = load_config(args.config, overrides)
+    run_eval(cfg, target, Path(args.out) if args.out else Path(cfg.run_dir) / "eval" / target.name)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.standalone import export_round
+
+    k, files = export_round(Path(args.run_dir), args.round, Path(args.out))
+    print(f"exported round {k} of {args.run_dir} to {args.out}: {', '.join(files)}")
+    return 0
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     from pipeline.toy import build_toy_world
 
@@ -84,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline described by a YAML config")
     run.add_argument("config", help="YAML run config")
+    add_overrides(run)
     run.add_argument("--run-dir", help="override the config's run_dir")
     run.add_argument("--dry-run", action="store_true",
                      help="validate, print the effective config and placement plan, start nothing")
@@ -94,20 +136,58 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     resume.set_defaults(func=cmd_resume)
 
+    ev = sub.add_parser("eval", help="evaluate a run's round, or a model, against the reference")
+    ev.add_argument("target", metavar="RUN_DIR|MODEL",
+                    help="a run directory (its config and a round's checkpoint) or a HF model dir")
+    add_overrides(ev)
+    ev.add_argument("--config", help="config giving the eval data, reference and sampling"
+                    " (default for a run: RUN_DIR/config.yaml; needed for a model)")
+    ev.add_argument("--round", type=int, help="round of the run (default: the last trained)")
+    ev.add_argument("--out", help="results directory (default: RUN_DIR/eval, or"
+                    " <run_dir>/eval/<model name>)")
+    ev.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="a round's policy as a clean Hugging Face directory")
+    export.add_argument("run_dir")
+    export.add_argument("out", help="new directory (safetensors, config, tokenizer)")
+    export.add_argument("--round", type=int, help="round of the run (default: the last trained)")
+    export.set_defaults(func=cmd_export)
+
     toy = sub.add_parser("toy", help="build the offline toy world (tokenizer, tiny model, data)")
     toy.add_argument("out_dir")
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_toy)
     add_job_commands(sub)
+    add_overrides(sub.choices["submit"])
     return p
 
 
+def add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
+                   help="config overrides, e.g. train.learning_rate=1e-4 model.reference=null")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting overrides stand anywhere after the command (`run C --dry-run a.b=1`);
+    argparse alone takes them only before the first option."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"rayalign: config error: {err}", file=sys.stderr)
+        return 2
+    except UsageError as err:
+        print(f"rayalign: {err}", file=sys.stderr)
         return 2
     except ClusterUnreachable as err:
         print(f"rayalign: {err}", file=sys.stderr)

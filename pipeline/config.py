@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -397,13 +398,17 @@ class RunConfig(_Section):
         return self
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, overridden: Iterable[str] = ()) -> str:
+    """One line per problem, `key.path: message`; a key set by an override says so."""
     lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        if any(where == k or where.startswith(k + ".") or k.startswith(where + ".")
+               for k in overridden):
+            msg += " (set by a command-line override)"
         lines.append(f"  - {where}: {msg}")
     return "\n".join(lines)
 
@@ -452,14 +457,16 @@ def check_loss_needs(cfg: RunConfig) -> None:
             " then samples), or a loss without this need (e.g. sppo_hard for sppo)")
 
 
-def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Validate a config mapping; raise ConfigError naming the source and key paths."""
+def parse_config(raw: dict[str, Any], source: str = "<config>",
+                 overridden: Iterable[str] = ()) -> RunConfig:
+    """Validate a config mapping; raise ConfigError naming the source and key paths
+    (`overridden`: the dotted keys an override set, marked as such in the errors)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping, got {type(raw).__name__}")
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, overridden)) from None
     try:
         validate_loss(cfg.loss)
         check_loss_needs(cfg)
@@ -468,8 +475,66 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     return cfg
 
 
+# YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4); an override means the number
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _override_value(text: str) -> Any:
+    """An override's value as YAML: `3`, `1e-4`, `null`, `[0.9,0.99]`, `{beta: 0.1}`, `ipo`."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text  # not YAML (e.g. 'a: b: c'): the plain string, validated like any other
+
+    def numbers(v: Any) -> Any:
+        if isinstance(v, str) and _FLOAT.fullmatch(v):
+            return float(v)
+        if isinstance(v, list):
+            return [numbers(x) for x in v]
+        if isinstance(v, dict):
+            return {k: numbers(x) for k, x in v.items()}
+        return v
+
+    return numbers(value)
+
+
+def parse_overrides(items: Iterable[str], flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Command-line overrides `key.path=value` (torchtune/Hydra style) as {dotted key: value};
+    values are YAML scalars, lists or mappings. A later override of a key wins; `flags`
+    ({dotted key: value}, e.g. from --run-dir) win over all, those set to None are ignored."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g."
+                              " train.learning_rate=1e-4")
+        out[key] = _override_value(text)
+    out.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """`raw` with each dotted key set (missing or null sections are created); the keys
+    themselves are checked by validation, like the file's."""
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for depth, key in enumerate(parents):
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{source}: override {dotted}: {where} is"
+                                  f" {node!r}, not a section with keys")
+        node[leaf] = value
+    return raw
+
+
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config, apply dotted-key overrides (e.g. {"run_dir": "x"}), validate."""
+    """Read a YAML config, apply dotted-key overrides (e.g. {"run_dir": "x"}, see
+    parse_overrides), validate the result like a file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -478,13 +543,11 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     raw = raw or {}
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return parse_config(raw, str(path))
+    if overrides:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
+        raw = apply_overrides(raw, overrides, str(path))
+    return parse_config(raw, str(path), overrides or ())
 
 
 DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".ndjson", ".arrow")

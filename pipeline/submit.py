@@ -14,10 +14,11 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, load_config, parse_overrides
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working dir: environments, caches, run outputs, VCS data.
@@ -62,8 +63,9 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
-def entrypoint(config_rel: str, run_dir: str | None) -> str:
-    argv = ["python", "-m", "pipeline.cli", "run", config_rel, "--ray-address", "auto"]
+def entrypoint(config_rel: str, run_dir: str | None, overrides: Sequence[str] = ()) -> str:
+    """The job's command: `run` on the uploaded config, with the same overrides."""
+    argv = ["python", "-m", "pipeline.cli", "run", config_rel, *overrides, "--ray-address", "auto"]
     return shlex.join(argv + (["--run-dir", run_dir] if run_dir else []))
 
 
@@ -117,7 +119,9 @@ def _json_resources(text: str) -> dict[str, float]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)  # refuse an invalid config before any cluster work
+    overrides = getattr(args, "overrides", [])
+    # refuse an invalid config before any cluster work
+    cfg = load_config(args.config, parse_overrides(overrides, {"run_dir": args.run_dir}))
     working_dir = Path(args.working_dir)
     config_rel = _config_in_working_dir(Path(args.config), working_dir)
     if not args.no_check:
@@ -130,7 +134,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     resources = _json_resources(args.entrypoint_resources)
     client = _client(args.address)
     job_id = client.submit_job(
-        entrypoint=entrypoint(config_rel, args.run_dir), runtime_env=renv,
+        entrypoint=entrypoint(config_rel, args.run_dir, overrides), runtime_env=renv,
         submission_id=args.submission_id, metadata={"rayalign_config": config_rel},
         entrypoint_num_cpus=args.entrypoint_num_cpus or None,
         entrypoint_num_gpus=args.entrypoint_num_gpus or None,
