@@ -81,3 +81,16 @@ def test_paired_by_key_keeps_common_keys_in_order():
 def test_as_metrics_is_flat():
     assert Interval(1.0, 0.5, 1.5).as_metrics("eval/kl") == {
         "eval/kl": 1.0, "eval/kl_low": 0.5, "eval/kl_high": 1.5}
+
+
+def test_prompt_metrics_pair_the_gold_rewards():
+    from pipeline.stages.evaluate import prompt_metrics
+
+    gp, gr = np.array([0.9, 0.8, 0.7, 0.2]), np.array([0.5, 0.8, 0.1, 0.3])
+    m = prompt_metrics(np.array([0.1, 0.2, 0.3, 0.4]), gp, gr)
+    assert m["eval/gold_gain"] == pytest.approx(0.225)  # (0.4 + 0 + 0.6 − 0.1) / 4
+    assert m["eval/win_rate"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+    assert m["eval/kl"] == pytest.approx(0.25)
+    for key in ("eval/gold_gain", "eval/win_rate", "eval/kl", "eval/gold_policy", "eval/gold_reference"):
+        assert m[f"{key}_low"] <= m[key] <= m[f"{key}_high"]
+    assert set(prompt_metrics(np.array([0.1]))) == {"eval/kl", "eval/kl_low", "eval/kl_high"}
