@@ -61,13 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     from pipeline.dag import run_pipeline
 
-    return run_pipeline(cfg)
+    return run_pipeline(cfg, verbose=args.verbose)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from pipeline.dag import resume_pipeline
 
-    return resume_pipeline(Path(args.run_dir))
+    return resume_pipeline(Path(args.run_dir), verbose=args.verbose)
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
@@ -76,6 +76,10 @@ def cmd_toy(args: argparse.Namespace) -> int:
     world = build_toy_world(args.out_dir, seed=args.seed)
     print(f"toy world ready in {args.out_dir}: model {world.model_dir}, train {world.train_path}")
     return 0
+
+
+VERBOSE_HELP = ("show Ray's, vLLM's, DeepSpeed's and every worker's output live"
+                " (default: in RUN_DIR/logs, one file per actor or worker)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="validate, print the effective config and placement plan, start nothing")
     run.add_argument("--ray-address", help="override ray.address (e.g. 'auto' inside a Ray job)")
+    run.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run from its last finished stage")
     resume.add_argument("run_dir")
+    resume.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     resume.set_defaults(func=cmd_resume)
 
     toy = sub.add_parser("toy", help="build the offline toy world (tokenizer, tiny model, data)")
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterUnreachable as err:
         print(f"rayalign: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        if getattr(err, "rayalign_reported", False):  # a failed stage, already on the console
+            return 1
+        raise
 
 
 if __name__ == "__main__":
