@@ -116,10 +116,14 @@ def name_actor_logs(log_dir: Path) -> None:
     """Rename each actor's worker-<pid>.log after its class (<Class>-<pid>.log). Needs the
     Ray state API (the dashboard); without it the files keep their pid names."""
     try:
+        import ray
         from ray.util.state import list_actors
 
-        actors = list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
-    except Exception:  # no dashboard, cluster gone: names are a convenience
+        # this run's cluster (another one may run on the machine)
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                             limit=10_000, raise_on_missing_output=False)
+    except Exception as err:  # no dashboard, cluster gone: names are a convenience
+        logging.getLogger(__name__).warning("log files keep their pid names: %s", err)
         return
     for actor in actors:
         src = worker_log_path(log_dir, actor.pid) if actor.pid else None

@@ -94,3 +94,31 @@ def test_prompt_metrics_pair_the_gold_rewards():
     for key in ("eval/gold_gain", "eval/win_rate", "eval/kl", "eval/gold_policy", "eval/gold_reference"):
         assert m[f"{key}_low"] <= m[key] <= m[f"{key}_high"]
     assert set(prompt_metrics(np.array([0.1]))) == {"eval/kl", "eval/kl_low", "eval/kl_high"}
+
+
+def test_eval_plot_draws_the_intervals(tmp_path):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from pipeline import metrics
+
+    rows = [{"kind": "eval", "round": k, "eval/gold_gain": g, "eval/gold_gain_low": g - 0.1,
+             "eval/gold_gain_high": g + 0.2, "eval/kl": 0.1} for k, g in enumerate([0.05, 0.3])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    real = plt.Axes.errorbar
+    plt.Axes.errorbar = lambda ax, x, y, yerr=None, **kw: drawn.append((list(y), yerr)) or real(
+        ax, x, y, yerr=yerr, **kw)
+    try:
+        written = metrics.plot_run(tmp_path)
+    finally:
+        plt.Axes.errorbar = real
+    assert (tmp_path / "plots" / "eval.png") in written
+    gain = next(d for d in drawn if d[0] == [0.05, 0.3])
+    assert np.allclose(gain[1], [[0.1, 0.1], [0.2, 0.2]])
+    kl = next(d for d in drawn if d[0] == [0.1, 0.1])
+    assert np.allclose(kl[1], 0.0)  # no interval recorded: no bar
