@@ -115,8 +115,11 @@ def _driver_logging(log_dir: Path, verbose: bool) -> Path:
 def name_actor_logs(log_dir: Path) -> None:
     """Rename each actor's worker-<pid>.log after its class (<Class>-<pid>.log). Needs the
     Ray state API (the dashboard); without it the files keep their pid names."""
+    import ray
+
+    if not ray.is_initialized():
+        return
     try:
-        import ray
         from ray.util.state import list_actors
 
         # this run's cluster (another one may run on the machine)
@@ -130,15 +133,6 @@ def name_actor_logs(log_dir: Path) -> None:
         if src is not None and src.exists():
             name = re.sub(r"[^A-Za-z0-9_.]+", "_", actor.class_name or "actor").strip("_")
             src.rename(log_dir / f"{name}-{actor.pid}.log")
-
-
-def error_logs(err: BaseException, log_dir: Path) -> list[Path]:
-    """The log files of the processes a (Ray) error names with `pid=N`, in order."""
-    text = "".join(traceback.format_exception(err))
-    files: list[Path] = []
-    for pid in dict.fromkeys(re.findall(r"pid=(\d+)", text)):
-        files += sorted(log_dir.glob(f"*-{pid}.log"))
-    return files
 
 
 def _message(err: BaseException) -> str:
@@ -159,15 +153,16 @@ def report_failure(err: BaseException, round_index: int, stage: str, log_dir: Pa
     driver_log = log_dir / "driver.log"
     with driver_log.open("a") as f:
         f.write(f"[round {round_index}] {stage} failed:\n{''.join(traceback.format_exception(err))}\n")
-    console.print(f"[red]error[/]: round {round_index}, stage {stage}: "
-                  f"{type(err).__name__}: {_message(err)}", highlight=False)
-    origins = re.findall(r"(ray::[\w.()]+)?\s*\(pid=(\d+)", str(err))
-    for where, pid in dict.fromkeys(origins):
+    say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # paths unbroken
+    say(f"[red]error[/]: round {round_index}, stage {stage}: {type(err).__name__}: {_message(err)}")
+    text = "".join(traceback.format_exception(err))
+    origins: dict[str, str] = {}  # pid → the remote call Ray names with it, if any
+    for where, pid in re.findall(r"(ray::[\w.()]+)?\s*\(pid=(\d+)", text):
+        origins[pid] = origins.get(pid) or where
+    for pid, where in origins.items():
         logs = sorted(log_dir.glob(f"*-{pid}.log"))
-        console.print(f"  from {where or 'a Ray worker'} (pid {pid})"
-                      + (f": log {logs[0]}" if logs else ""), highlight=False)
-    console.print(f"  full traceback: {driver_log}; every worker's output: {log_dir}",
-                  highlight=False)
+        say(f"  from {where or 'a Ray worker'} (pid {pid})" + (f": log {logs[0]}" if logs else ""))
+    say(f"  full traceback: {driver_log}; every worker's output: {log_dir}")
     if verbose:
         console.print_exception()
     try:

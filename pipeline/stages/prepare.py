@@ -228,7 +228,7 @@ def report_tables(stats: dict[str, Any]) -> list[Table]:
     """Rich tables for the console: rows by outcome and quarantine reason, truncation, lengths."""
     total = max(stats["rows_in"], 1)
     rows = Table(title=f"prepare: {stats['rows_in']} rows in {stats['parts']} parts",
-                 box=box.SIMPLE_HEAD, show_edge=False)
+                 box=box.SIMPLE_HEAD, show_edge=False, min_width=40)
     for col in ("outcome", "rows", "share"):
         rows.add_column(col, justify="left" if col == "outcome" else "right")
     rows.add_row("pairs", str(stats["pairs"]), f"{stats['pairs'] / total:.1%}")
