@@ -39,6 +39,9 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.u
                    "fsspec", "urllib3", "matplotlib")
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def log_dir_of(run_dir: Path) -> Path:
     return Path(run_dir).resolve() / "logs"
 
@@ -137,7 +140,7 @@ def name_actor_logs(log_dir: Path) -> None:
 
 def _message(err: BaseException) -> str:
     """The error's own message: the last line of a remote traceback, else its first line."""
-    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    lines = [x.strip() for x in ANSI.sub("", str(err)).splitlines() if x.strip()]
     if not lines:
         return type(err).__name__
     last = lines[-1]
@@ -155,7 +158,7 @@ def report_failure(err: BaseException, round_index: int, stage: str, log_dir: Pa
         f.write(f"[round {round_index}] {stage} failed:\n{''.join(traceback.format_exception(err))}\n")
     say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # paths unbroken
     say(f"[red]error[/]: round {round_index}, stage {stage}: {type(err).__name__}: {_message(err)}")
-    text = "".join(traceback.format_exception(err))
+    text = ANSI.sub("", "".join(traceback.format_exception(err)))  # Ray colours the call
     origins: dict[str, str] = {}  # pid → the remote call Ray names with it, if any
     for where, pid in re.findall(r"(ray::[\w.()]+)?\s*\(pid=(\d+)", text):
         origins[pid] = origins.get(pid) or where
