@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
@@ -184,7 +183,7 @@ class StageDisplay:
         self.label, self.sink, self.stage, self.round = label, sink, stage, round_index
         self.poll_s = poll_s
         self.progress = Progress(SpinnerColumn(finished_text="[green]✓"),
-                                 TextColumn("{task.description}"), BarColumn(bar_width=20),
+                                 TextColumn("{task.description}"), BarColumn(bar_width=12),
                                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
                                  console=console)
         self.task = self.progress.add_task(label, total=None, detail="")
@@ -229,14 +228,15 @@ class StageDisplay:
 
 
 def train_detail(state: dict[str, Any]) -> str:
-    """'step 12/40 · 0.8 steps/s · ETA 0:00:35 · loss 0.693 · margin 0.012'."""
+    """'12/40 steps · 0.80/s · ETA 0:35 · loss 0.693 · margin 0.012'."""
     step, total = state["step"], state["total"]
-    parts = [f"step {step}/{total or '?'}"]
+    parts = [f"{step}/{total or '?'} steps"]
     rate = state.get("steps_per_s")
     if rate:
-        parts.append(f"{rate:.2f} steps/s")
+        parts.append(f"{rate:.2f}/s")
         if total:
-            parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(max(total - step, 0) / rate))}")
+            left = round(max(total - step, 0) / rate)
+            parts.append(f"ETA {left // 60}:{left % 60:02d}")
     for key, name in (("loss", "loss"), ("rewards/margins", "margin")):
         if isinstance(state.get(key), (int, float)):
             parts.append(f"{name} {state[key]:.3f}")

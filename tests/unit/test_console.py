@@ -17,8 +17,8 @@ def test_sink_progress_is_the_latest_row_of_the_round(tmp_path, monkeypatch):
     assert (state["step"], state["total"], state["steps_per_s"]) == (3, 10, 0.5)
     assert state["loss"] == 0.5 / 3
     assert sink.progress("train", 1)["step"] is None  # the next round has not stepped yet
-    assert train_detail(state) == "step 3/10 · 0.50 steps/s · ETA 00:00:14 · loss 0.167 · margin 0.300"
+    assert train_detail(state) == "3/10 steps · 0.50/s · ETA 0:14 · loss 0.167 · margin 0.300"
 
 
 def test_train_detail_without_a_rate():
-    assert train_detail({"step": 1, "total": None, "steps_per_s": None}) == "step 1/?"
+    assert train_detail({"step": 1, "total": None, "steps_per_s": None}) == "1/? steps"
