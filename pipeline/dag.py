@@ -457,10 +457,9 @@ def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: d
         if any(c != "-" for c in cells):
             table.add_row(key.removeprefix("eval/"), *cells)
     console.print(table)
-    console.print("± half-width of the 95% interval (seeded paired bootstrap over the eval prompts"
-                  " or pairs); * differs from the reference, † from the previous round"
-                  " (the interval of the paired difference excludes 0; win rate and reward"
-                  " accuracy: excludes 0.5)", highlight=False)
+    console.print("± 95% interval (seeded bootstrap over the eval prompts or pairs); * differs"
+                  " from the reference, † from the previous round (paired; see README)",
+                  highlight=False)
     last = rounds[-1]
     console.print(f"checkpoint: {last.stage_path('train', 'model_dir')}")
     console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
