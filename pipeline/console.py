@@ -22,8 +22,9 @@ import re
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Self
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -67,7 +68,7 @@ def quiet_driver(log_dir: Path, verbose: bool = False) -> Iterator[Path]:
     os.dup2(fd, 2)
     os.close(fd)
     python_stderr = sys.stderr
-    sys.stderr = open(saved, "w", buffering=1, closefd=False)
+    sys.stderr = open(saved, "w", buffering=1, closefd=False)  # noqa: SIM115 (closed below)
     try:
         yield path
     finally:
@@ -127,7 +128,7 @@ def name_actor_logs(log_dir: Path) -> None:
         # this run's cluster (another one may run on the machine)
         actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
                              limit=10_000, raise_on_missing_output=False)
-    except Exception as err:  # no dashboard, cluster gone: names are a convenience
+    except Exception as err:  # noqa: BLE001 (no dashboard, cluster gone: names are a convenience)
         logging.getLogger(__name__).warning("log files keep their pid names: %s", err)
         return
     for actor in actors:
@@ -190,7 +191,7 @@ class StageDisplay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> StageDisplay:
+    def __enter__(self) -> Self:
         self.progress.start()
         if self.sink is not None and self.stage == "train":
             self._thread = threading.Thread(target=self._poll, daemon=True, name="stage-display")
@@ -219,7 +220,7 @@ class StageDisplay:
 
         try:
             state = ray.get(self.sink.progress.remote("train", self.round), timeout=5)
-        except Exception:  # the display is best effort; the stage reports its own errors
+        except Exception:  # noqa: BLE001 (the display is best effort; the stage reports its own errors)
             return
         if state["step"] is None:
             return

@@ -33,7 +33,14 @@ from pipeline.config import (
     needs_sampled_rounds,
     with_absolute_paths,
 )
-from pipeline.console import StageDisplay, console, log_dir_of, name_actor_logs, quiet_driver, report_failure
+from pipeline.console import (
+    StageDisplay,
+    console,
+    log_dir_of,
+    name_actor_logs,
+    quiet_driver,
+    report_failure,
+)
 from pipeline.data import loss_requires_scores
 from pipeline.evalstats import Interval, paired_by_key, paired_diff_ci
 from pipeline.manifest import (
