@@ -71,13 +71,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     from pipeline.dag import run_pipeline
 
-    return run_pipeline(cfg)
+    return run_pipeline(cfg, verbose=args.verbose)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from pipeline.dag import resume_pipeline
 
-    return resume_pipeline(Path(args.run_dir))
+    return resume_pipeline(Path(args.run_dir), verbose=args.verbose)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -119,6 +119,10 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = ("show Ray's, vLLM's, DeepSpeed's and every worker's output live"
+                " (default: in RUN_DIR/logs, one file per actor or worker)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayalign", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,10 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="validate, print the effective config and placement plan, start nothing")
     run.add_argument("--ray-address", help="override ray.address (e.g. 'auto' inside a Ray job)")
+    run.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run from its last finished stage")
     resume.add_argument("run_dir")
+    resume.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     resume.set_defaults(func=cmd_resume)
 
     ev = sub.add_parser("eval", help="evaluate a run's round, or a model, against the reference")
@@ -192,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterUnreachable as err:
         print(f"rayalign: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        if getattr(err, "rayalign_reported", False):  # a failed stage, already on the console
+            return 1
+        raise
 
 
 if __name__ == "__main__":

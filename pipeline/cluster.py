@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from workers.logsetup import LOG_DIR_ENV
 
 # Defaults for processes Ray starts; a value already in the driver's environment wins.
 WORKER_ENV_DEFAULTS = {
@@ -21,6 +22,11 @@ WORKER_ENV_DEFAULTS = {
     "RAY_TRAIN_V2_ENABLED": "1",
     # CPU: the vLLM engine core runs inside its actor (starts ~3x faster than a child process)
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # quiet libraries: a worker's output lands in <run_dir>/logs (see pipeline.console), and
+    # these keep it to what helps there (and on the console with --verbose)
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 # (VLLM_CPU_KVCACHE_SPACE is not among them: each pool sets its own engine.kv_cache_space_gib,
 # see workers.vllm_pool.Engine.)
@@ -49,8 +55,12 @@ def _secrets_hidden_from_children() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def worker_env(cfg: RunConfig) -> dict[str, str]:
+def worker_env(cfg: RunConfig, verbose: bool = False) -> dict[str, str]:
+    """The environment of every process Ray starts for the run. Unless `verbose`, it names
+    the run's logs directory, where workers.logsetup sends each process's output."""
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
+    if not verbose:
+        env[LOG_DIR_ENV] = str(Path(cfg.run_dir).resolve() / "logs")
     if cfg.train.gpus_per_worker > 0 or cfg.reference.gpus_per_actor > 0:
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda")
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
@@ -58,11 +68,11 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def connect(cfg: RunConfig) -> dict[str, Any]:
+def connect(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     """ray.init for this run; returns {'dashboard_url', 'address', 'started_local'}."""
     import ray
 
-    env = worker_env(cfg)
+    env = worker_env(cfg, verbose)
     for k, v in env.items():  # the driver process itself runs Ray Data/Train drivers too
         os.environ.setdefault(k, v)
     if ray.is_initialized():
@@ -73,15 +83,24 @@ def connect(cfg: RunConfig) -> dict[str, Any]:
     job_env = _job_env_vars()
     env = {k: v for k, v in env.items() if k not in job_env}
     with _secrets_hidden_from_children():  # a local cluster's processes are our children
-        info = ray.init(**init_kwargs(cfg, env))
+        info = ray.init(**init_kwargs(cfg, env, verbose))
     return {"dashboard_url": _dashboard_url(info), "address": info.address_info.get("gcs_address"),
             "started_local": cfg.ray.address is None}
 
 
-def init_kwargs(cfg: RunConfig, env: dict[str, str]) -> dict[str, Any]:
+WORKER_SETUP_HOOK = "workers.logsetup.setup_worker_logging"
+
+
+def init_kwargs(cfg: RunConfig, env: dict[str, str], verbose: bool = False) -> dict[str, Any]:
     """ray.init arguments: join ray.address, or start a local cluster whose dashboard binds
-    to ray.dashboard_host (127.0.0.1 unless configured)."""
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    to ray.dashboard_host (127.0.0.1 unless configured). Unless `verbose`, workers' output
+    goes to their log files (the setup hook) and not to the driver, and Ray leaves the
+    driver's logging as pipeline.console.quiet_driver set it."""
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if not verbose:
+        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": verbose,
+                              "configure_logging": verbose}
     if cfg.ray.address is not None:
         return {**kwargs, "address": cfg.ray.address}
     kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=True,

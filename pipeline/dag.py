@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
+from rich import box
 from rich.table import Table
 
 from pipeline.config import (
@@ -33,7 +33,16 @@ from pipeline.config import (
     needs_sampled_rounds,
     with_absolute_paths,
 )
+from pipeline.console import (
+    StageDisplay,
+    console,
+    log_dir_of,
+    name_actor_logs,
+    quiet_driver,
+    report_failure,
+)
 from pipeline.data import loss_requires_scores
+from pipeline.evalstats import Interval, paired_by_key, paired_diff_ci
 from pipeline.manifest import (
     Manifest,
     commit,
@@ -43,8 +52,6 @@ from pipeline.manifest import (
     scratch_dir,
     stable_hash,
 )
-
-console = Console()
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Round:
     sink: Any = None
     policy_digest: str | None = None  # known when the policy is an earlier round's output
     carried: tuple[str, Path] | None = None  # (train key, pairs) an earlier round left untrained
+    verbose: bool = False  # libraries' and workers' output on the console (else in logs/)
     done: dict[str, Manifest] = field(default_factory=dict)
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -306,29 +314,27 @@ def run_stages(r: Round, stages: list[Stage]) -> None:
         done = finished(stage_dir, key)
         r.stage_dirs[stage.name] = stage_dir
         if done is not None:
-            console.print(f"\\[round {r.index}] {stage.name}: up to date, skipped")
+            console.print(f"[green]✓[/] round {r.index} {stage.name}: up to date, skipped")
             r.done[stage.name] = done
             continue
-        console.print(f"\\[round {r.index}] {stage.name} ...")
         if r.sink is not None:
             r.sink.set_context.remote(round=r.index, stage=stage.name)
         t0 = time.time()
         tmp = scratch_dir(stage_dir)
-        outputs = stage.run(r, tmp, inputs)
+        try:
+            with StageDisplay(f"round {r.index} {stage.name}", r.sink, stage.name, r.index):
+                outputs = stage.run(r, tmp, inputs)
+        except Exception as err:
+            report_failure(err, r.index, stage.name, log_dir_of(r.run_dir), r.verbose)
+            raise
         manifest = Manifest(stage.name, key, inputs, outputs, time.time() - t0, time.time())
         commit(tmp, stage_dir, manifest)
         r.done[stage.name] = manifest
-        console.print(f"\\[round {r.index}] {stage.name}: done in {manifest.seconds:.1f}s")
 
 
-def run_pipeline(cfg: RunConfig) -> int:
-    import ray
-
-    from pipeline.cluster import connect, worker_env
-    from pipeline.metrics import plot_run
-    from workers.metrics_sink import MetricsSink
-    from workers.tracking import table_data
-
+def run_pipeline(cfg: RunConfig, verbose: bool = False) -> int:
+    """Run every round's stages; `verbose` shows the libraries' and workers' output live
+    (else it goes to <run_dir>/logs, see pipeline.console)."""
     problems = check_paths(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -336,17 +342,31 @@ def run_pipeline(cfg: RunConfig) -> int:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    info = connect(cfg)
-    console.print(f"Ray dashboard: {info['dashboard_url'] or '(not running)'}")
+    log_dir = log_dir_of(run_dir)
+    with quiet_driver(log_dir, verbose):
+        return _run_rounds(cfg, run_dir, log_dir, verbose)
+
+
+def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> int:
+    import ray
+
+    from pipeline.cluster import connect, worker_env
+    from pipeline.metrics import plot_run
+    from workers.metrics_sink import MetricsSink
+    from workers.tracking import table_data
+
+    info = connect(cfg, verbose)
+    console.print(f"Ray dashboard: {info['dashboard_url'] or '(not running)'}"
+                  + ("" if verbose else f"; logs: {log_dir}"))
     sink = ray.remote(MetricsSink).options(num_cpus=0).remote(
         str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)},
         cfg.tracking.model_dump(), cfg.model_dump(mode="json"))
-    env = worker_env(cfg)
+    env = worker_env(cfg, verbose)
     policy = cfg.model.policy
     rounds: list[Round] = []
     for k in range(cfg.rounds.count):
         reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
-        r = Round(cfg, run_dir, k, policy, reference, env, sink)
+        r = Round(cfg, run_dir, k, policy, reference, env, sink, verbose=verbose)
         if rounds:  # prepare ran once, in round 0
             r.policy_digest = trained_digest(rounds[-1])
             r.done["prepare"] = rounds[0].done["prepare"]
@@ -358,23 +378,73 @@ def run_pipeline(cfg: RunConfig) -> int:
         policy = str(r.stage_path("train", "model_dir"))
     ray.get(sink.set_context.remote())  # flush pending metric rows
     plots = plot_run(run_dir)
+    name_actor_logs(log_dir)
     table = print_summary(rounds, run_dir, plots, info)
     ray.get(sink.finish.remote(table_data(table)))  # the trackers get the table, then close
     return 0
 
 
-def resume_pipeline(run_dir: Path) -> int:
+def resume_pipeline(run_dir: Path, verbose: bool = False) -> int:
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    return run_pipeline(load_config(config))
+    return run_pipeline(load_config(config), verbose)
+
+
+# The summary's rows: (metric, per-unit file of the evaluate stage and its column for the
+# paired test against the previous round, metric holding the interval of the change
+# against the reference, and that change's null value). None: no test.
+SUMMARY_ROWS = [
+    ("eval/loss", None, None, None, None),
+    ("eval/rewards/accuracies", "pairs", "reward_accuracy", "eval/rewards/accuracies", 0.5),
+    ("eval/rewards/margins", "pairs", "margin", "eval/rewards/margins", 0.0),
+    ("eval/ranking/accuracy", "pairs", "ranking", "eval/ranking_gain", 0.0),
+    ("eval/ref_ranking_accuracy", None, None, None, None),
+    ("eval/kl", "samples", "kl", "eval/kl", 0.0),
+    ("eval/gold_policy", "samples", "gold_policy", "eval/gold_gain", 0.0),
+    ("eval/gold_reference", None, None, None, None),
+    ("eval/gold_gain", None, None, "eval/gold_gain", 0.0),
+    ("eval/win_rate", "samples", "win", "eval/win_rate", 0.5),
+    ("eval/len_policy", None, None, None, None),
+]
+UNIT_KEYS = {"pairs": "id", "samples": "prompt"}  # what pairs the units of two rounds
+
+
+def _interval(m: dict[str, Any], key: str) -> Interval | None:
+    if key in m and f"{key}_low" in m:
+        return Interval(m[key], m[f"{key}_low"], m[f"{key}_high"])
+    return None
+
+
+def _units(r: Round, file: str, column: str) -> dict[str, float] | None:
+    """{prompt or pair id: value} of one column of a round's evaluate outputs."""
+    import pyarrow.parquet as pq
+
+    path = r.stage_dirs.get("evaluate", r.dir / "evaluate") / f"{file}.parquet"
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    if column not in table.column_names:
+        return None
+    return dict(zip(table[UNIT_KEYS[file]].to_pylist(), table[column].to_pylist()))
+
+
+def summary_cell(m: dict[str, Any], key: str, ref_key: str | None, null: float | None,
+                 prev: Interval | None) -> str:
+    """'0.812 ± 0.041 *†': value ± half-width of its 95% interval; * the change against the
+    reference is significant, † the change against the previous round is."""
+    if key not in m:
+        return "-"
+    ci = _interval(m, key)
+    text = f"{m[key]:.3f}" + (f" ± {ci.half_width:.3f}" if ci else "")
+    ref = _interval(m, ref_key) if ref_key else None
+    marks = ("*" if ref is not None and ref.excludes(null) else "") + (
+        "†" if prev is not None and prev.excludes(0.0) else "")
+    return text + (f" {marks}" if marks else "")
 
 
 def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: dict[str, Any]) -> Table:
-    table = Table(title=f"rayalign run {run_dir}: evaluation on held-out data")
-    keys = ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
-            "eval/ranking/accuracy", "eval/ref_ranking_accuracy", "eval/kl",
-            "eval/gold_policy", "eval/gold_reference", "eval/win_rate", "eval/len_policy"]
+    table = Table(title=f"evaluation on held-out data, {run_dir}", box=box.SIMPLE_HEAD, show_edge=False)
     metrics = [r.done["evaluate"].outputs["metrics"] if "evaluate" in r.done else {}
                for r in rounds]
     table.add_column("metric")
@@ -384,14 +454,28 @@ def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: d
     table.add_row("pairs trained", *[f"{t.get('trained_pairs', t['num_pairs'])}"
                                      + (f" (+{t['carried']} wait)" if t.get("carried") else "")
                                      for t in trained])
-    for k in keys:
-        table.add_row(k.removeprefix("eval/"), *[f"{m[k]:.3f}" if k in m else "-" for m in metrics])
+    for key, file, column, ref_key, null in SUMMARY_ROWS:
+        cells = []
+        for i, m in enumerate(metrics):
+            prev = None
+            if i and file and "evaluate" in rounds[i - 1].done and "evaluate" in rounds[i].done:
+                before, now = _units(rounds[i - 1], file, column), _units(rounds[i], file, column)
+                if before and now:
+                    a, b = paired_by_key(before, now)
+                    prev = paired_diff_ci(b, a) if a else None
+            cells.append(summary_cell(m, key, ref_key, null, prev))
+        if any(c != "-" for c in cells):
+            table.add_row(key.removeprefix("eval/"), *cells)
     console.print(table)
+    console.print("± 95% interval (seeded bootstrap over the eval prompts or pairs); * differs"
+                  " from the reference, † from the previous round (paired; see README)",
+                  highlight=False)
     last = rounds[-1]
     console.print(f"checkpoint: {last.stage_path('train', 'model_dir')}")
     console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
-    for p in plots:
-        console.print(f"plot:       {p}")
+    if plots:
+        console.print(f"plots:      {', '.join(str(p) for p in plots)}")
+    console.print(f"logs:       {log_dir_of(run_dir)}")
     console.print(f"dashboard:  {info['dashboard_url'] or '(not running)'}"
                   f"{' (stops with this local cluster)' if info['started_local'] else ''}")
     return table

@@ -14,7 +14,7 @@ TRAIN_PANELS = [
     ("principled: target and gap", ["principled/target_mean", "principled/gap_to_target"]),
     ("grad norm / lr", ["grad_norm"]),
 ]
-EVAL_KEYS = ["eval/gold_policy", "eval/gold_reference", "eval/win_rate", "eval/kl",
+EVAL_KEYS = ["eval/gold_policy", "eval/gold_reference", "eval/gold_gain", "eval/win_rate", "eval/kl",
              "eval/rewards/margins", "eval/ranking/accuracy", "eval/len_policy"]
 
 
@@ -57,8 +57,15 @@ def plot_run(run_dir: Path) -> list[Path]:
         keys = [k for k in EVAL_KEYS if any(k in r for r in evals)]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
         for ax, k in zip(axes[0], keys):
-            ax.plot([r.get("round", i) for i, r in enumerate(evals)], [r.get(k) for r in evals], "o-")
-            ax.set_title(k.removeprefix("eval/"), fontsize=9)
+            have = [(r.get("round", i), r) for i, r in enumerate(evals) if r.get(k) is not None]
+            x, y = [i for i, _ in have], [r[k] for _, r in have]
+            # 95% intervals (evaluate's <key>_low/_high) as error bars, where recorded
+            err = [[r[k] - (r.get(f"{k}_low") if r.get(f"{k}_low") is not None else r[k]) for _, r in have],
+                   [(r.get(f"{k}_high") if r.get(f"{k}_high") is not None else r[k]) - r[k]
+                    for _, r in have]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3)
+            ax.set_title(k.removeprefix("eval/") + (" (95% CI)" if any(f"{k}_low" in r for r in evals)
+                                                     else ""), fontsize=9)
             ax.set_xlabel("round")
         fig.tight_layout()
         written.append(out_dir / "eval.png")

@@ -106,6 +106,8 @@ class MetricsSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.context = dict(context)
         self.planned: dict[str, dict[str, Any]] = {}  # stage → {"total": steps, "beta": β}
+        self.first: dict[str, dict[str, Any]] = {}  # kind → first row of the current round
+        self.latest: dict[str, dict[str, Any]] = {}  # kind → latest row
         self.dashboard = DashboardMetrics() if ray.is_initialized() else None
         self.trackers = (Trackers(tracking, self.path.parent, config or {})
                          if tracking and tracking.get("backends") else None)
@@ -133,6 +135,9 @@ class MetricsSink:
                  for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.first.get(kind, {}).get("round") != clean.get("round"):
+            self.first[kind] = clean
+        self.latest[kind] = clean
         if self.dashboard is not None:
             self._export(kind, row)
         if self.trackers is not None:
@@ -144,6 +149,17 @@ class MetricsSink:
         if self.trackers is not None:
             self.trackers.finish(table)
             self.trackers = None
+
+    def progress(self, stage: str, round_index: int) -> dict[str, Any]:
+        """For the driver's live display: the latest row of `stage` in round `round_index`
+        (step None before its first), the planned total and the rate since its first row."""
+        row = self.latest.get(stage)
+        if row is None or row.get("round") != round_index:
+            return {"step": None, "total": self.planned.get(stage, {}).get("total")}
+        first = self.first[stage]
+        span = row["time"] - first["time"]
+        rate = (row.get("step", 0) - first.get("step", 0)) / span if span > 0 else None
+        return {**row, "total": self.planned.get(stage, {}).get("total"), "steps_per_s": rate}
 
     def _export(self, kind: str, row: dict[str, Any]) -> None:
         tags = self._tags()

@@ -5,6 +5,12 @@ accuracy of the policy alone (and of the reference, for contrast), the loss. On 
 prompts: one sample each from policy and reference, a sequence-level KL estimate
 E_{y~π}[log π(y) − log π_ref(y)], mean response length, and, with a reward function, the
 gold reward of both and the policy's win rate against the reference.
+
+Each mean comes with its 95% interval (pipeline.evalstats: seeded bootstrap over the pairs
+or prompts), as `<key>_low` / `<key>_high`; a change against the reference is the paired
+difference over the same prompts (`eval/gold_gain`, `eval/ranking_gain`). The per-prompt
+values (samples.parquet) and per-pair values (pairs.parquet) stay in the stage directory,
+so the summary can test a change against the previous round paired over the same prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import LossConfig, PoolConfig, RunConfig, loss_needs, validate_loss
+from pipeline.evalstats import mean_ci, paired_diff_ci, wins
 from workers.rewards import load_reward_fn
 
 
@@ -104,12 +111,41 @@ def eval_pair_logps(pairs: list[dict[str, Any]], pol_c: list[list[float]],
 
 def eval_loss_metrics(loss_cfg: LossConfig, logps) -> dict[str, float]:
     """The loss and its metrics on the eval pairs, prefixed eval/."""
+    return eval_pair_metrics(loss_cfg, logps)[0]
+
+
+def eval_pair_metrics(loss_cfg: LossConfig, logps) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The loss's metrics on the eval pairs (prefixed eval/) with 95% intervals for the
+    per-pair ones, and the per-pair values: implicit reward margin, reward accuracy, policy
+    and reference ranking (chosen log-prob above rejected)."""
     from workers.losses import compute_loss
 
     loss = compute_loss(loss_cfg.name, logps, **validate_loss(loss_cfg))
     metrics = {f"eval/{k}": v for k, v in loss.metrics.items()}
     metrics["eval/loss"] = float(loss.mean())
     metrics["eval/ref_ranking_accuracy"] = float((logps.ref_chosen > logps.ref_rejected).double().mean())
+    cr, rr = loss.chosen_rewards.double().numpy(), loss.rejected_rewards.double().numpy()
+    per_pair = {"margin": cr - rr, "reward_accuracy": (cr > rr).astype(float),
+                "ranking": (logps.policy_chosen > logps.policy_rejected).double().numpy(),
+                "ref_ranking": (logps.ref_chosen > logps.ref_rejected).double().numpy()}
+    for key, col in (("eval/rewards/margins", "margin"), ("eval/rewards/accuracies", "reward_accuracy"),
+                     ("eval/ranking/accuracy", "ranking")):
+        ci = mean_ci(per_pair[col])
+        metrics.update({f"{key}_low": ci.low, f"{key}_high": ci.high})
+    metrics.update(paired_diff_ci(per_pair["ranking"], per_pair["ref_ranking"]).as_metrics("eval/ranking_gain"))
+    return metrics, per_pair
+
+
+def prompt_metrics(kl: np.ndarray, gold_policy: np.ndarray | None = None,
+                   gold_reference: np.ndarray | None = None) -> dict[str, float]:
+    """KL, gold rewards, the gold gain (paired: same prompts) and the win rate, each with
+    its 95% interval, from per-prompt values."""
+    metrics = mean_ci(kl).as_metrics("eval/kl")
+    if gold_policy is not None and gold_reference is not None:
+        metrics.update(mean_ci(gold_policy).as_metrics("eval/gold_policy"))
+        metrics.update(mean_ci(gold_reference).as_metrics("eval/gold_reference"))
+        metrics.update(paired_diff_ci(gold_policy, gold_reference).as_metrics("eval/gold_gain"))
+        metrics.update(mean_ci(wins(gold_policy, gold_reference)).as_metrics("eval/win_rate"))
     return metrics
 
 
@@ -154,12 +190,15 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     _kill(actors)
 
     logps = eval_pair_logps(pairs, pol_c, pol_r, needs, pol_kl, pol_sq, running_mean)
-    metrics = eval_loss_metrics(cfg.loss, logps)
+    metrics, per_pair = eval_pair_metrics(cfg.loss, logps)
     metrics["eval/pairs"] = len(pairs)
     metrics["eval/prompts"] = len(prompt_rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [str(p.get("id", i)) for i, p in enumerate(pairs)],
+                             **{k: v.tolist() for k, v in per_pair.items()}}),
+                   out_dir / "pairs.parquet")
     if p_ids:
         kl = np.array([x[1] - sum(r) for x, r in zip(pol_samples, ref_of_pol)])
-        metrics["eval/kl"] = float(kl.mean())
         metrics["eval/len_policy"] = float(np.mean([len(x[0]) for x in pol_samples]))
         metrics["eval/len_reference"] = float(np.mean([len(x[0]) for x in ref_samples]))
         rows = {"prompt": p_text, "policy_response": [x[2] for x in pol_samples],
@@ -169,10 +208,10 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
             fn = load_reward_fn(gold)
             gp = np.array(fn(p_text, rows["policy_response"]), dtype=float)
             gr = np.array(fn(p_text, rows["reference_response"]), dtype=float)
-            metrics["eval/gold_policy"] = float(gp.mean())
-            metrics["eval/gold_reference"] = float(gr.mean())
-            metrics["eval/win_rate"] = float(np.mean((gp > gr) + 0.5 * (gp == gr)))
-            rows.update(gold_policy=gp.tolist(), gold_reference=gr.tolist())
-        out_dir.mkdir(parents=True, exist_ok=True)
+            metrics.update(prompt_metrics(kl, gp, gr))
+            rows.update(gold_policy=gp.tolist(), gold_reference=gr.tolist(),
+                        win=wins(gp, gr).tolist())
+        else:
+            metrics.update(prompt_metrics(kl))
         pq.write_table(pa.table(rows), out_dir / "samples.parquet")
     return metrics

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -377,7 +378,8 @@ def length_stats(lengths: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 def report_tables(stats: dict[str, Any]) -> list[Table]:
     """Rich tables for the console: rows by outcome and quarantine reason, truncation, lengths."""
     total = max(stats["rows_in"], 1)
-    rows = Table(title=f"prepare: {stats['rows_in']} rows in {stats['parts']} parts")
+    rows = Table(title=f"prepare: {stats['rows_in']} rows in {stats['parts']} parts",
+                 box=box.SIMPLE_HEAD, show_edge=False, min_width=40)
     for col in ("outcome", "rows", "share"):
         rows.add_column(col, justify="left" if col == "outcome" else "right")
     rows.add_row("pairs", str(stats["pairs"]), f"{stats['pairs'] / total:.1%}")
@@ -386,7 +388,7 @@ def report_tables(stats: dict[str, Any]) -> list[Table]:
     for kind, n in sorted(stats["truncated"].items()):
         if kind != "none":
             rows.add_row(f"kept, truncated: {kind}", str(n), f"{n / total:.1%}")
-    lengths = Table(title="tokens per pair (after truncation)")
+    lengths = Table(title="tokens (truncated)", box=box.SIMPLE_HEAD, show_edge=False)
     for col in ("", "p50", "p95", "max"):
         lengths.add_column(col, justify="left" if not col else "right")
     for name, s in stats["lengths"].items():

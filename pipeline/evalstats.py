@@ -1,0 +1,99 @@
+"""Confidence intervals for evaluation metrics: seeded percentile bootstrap over prompts/pairs.
+
+Every metric of the evaluate stage is a mean over held-out prompts (gold reward, win rate,
+KL) or pairs (reward margin, accuracies, loss). Its 95% interval resamples those prompts
+with replacement (`RESAMPLES` times, a fixed seed, so a rerun prints the same interval) and
+takes the 2.5 and 97.5 percentiles of the resampled means. A change (policy − reference, or
+this round − the previous one) is tested *paired*: the same prompts are resampled for both
+sides, the interval is that of the mean per-prompt difference, and the change is
+significant when that interval excludes 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+RESAMPLES = 2000
+SEED = 0
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its confidence interval [low, high]."""
+
+    value: float
+    low: float
+    high: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2.0
+
+    def excludes(self, x: float) -> bool:
+        """Is x outside the interval (the change against x significant)?"""
+        return x < self.low or x > self.high
+
+    def as_metrics(self, key: str) -> dict[str, float]:
+        """{key: value, key_low: low, key_high: high} (flat floats, for metrics.jsonl)."""
+        return {key: self.value, f"{key}_low": self.low, f"{key}_high": self.high}
+
+
+def _array(x: Sequence[float], name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=float)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{name}: need a non-empty 1-d sample, got shape {a.shape}")
+    return a
+
+
+def bootstrap_indices(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """[resamples, n] indices drawn with replacement from range(n), reproducible by seed."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def mean_ci(x: Sequence[float], resamples: int = RESAMPLES, seed: int = SEED,
+            level: float = LEVEL) -> Interval:
+    """Mean of x and its percentile-bootstrap interval."""
+    a = _array(x, "mean_ci")
+    means = a[bootstrap_indices(a.size, resamples, seed)].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Interval(float(a.mean()), float(low), float(high))
+
+
+def paired_diff_ci(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES,
+                   seed: int = SEED, level: float = LEVEL) -> Interval:
+    """Mean of a − b over the same units (prompts) and its paired-bootstrap interval."""
+    x, y = _array(a, "paired_diff_ci a"), _array(b, "paired_diff_ci b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired_diff_ci: samples differ in size ({x.size} vs {y.size})")
+    return mean_ci(x - y, resamples, seed, level)
+
+
+def wins(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
+    """Per-prompt win of a over b: 1, 0.5 for a tie, 0."""
+    x, y = _array(a, "wins a"), _array(b, "wins b")
+    if x.shape != y.shape:
+        raise ValueError(f"wins: samples differ in size ({x.size} vs {y.size})")
+    return (x > y) + 0.5 * (x == y)
+
+
+def win_rate_ci(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES,
+                seed: int = SEED, level: float = LEVEL) -> Interval:
+    """Win rate of a over b (ties count half) and its interval; better than chance when the
+    interval excludes 0.5."""
+    return mean_ci(wins(a, b), resamples, seed, level)
+
+
+def mark(ci: Interval, null: float = 0.0) -> str:
+    """'*' when the interval excludes `null` (a significant change), else ''."""
+    return "*" if ci.excludes(null) else ""
+
+
+def paired_by_key(prev: dict[str, float], cur: dict[str, float]) -> tuple[list[float], list[float]]:
+    """The values of the keys (prompts, pair ids) both samples hold, in the same order."""
+    keys = [k for k in cur if k in prev]
+    return [prev[k] for k in keys], [cur[k] for k in keys]
