@@ -1,42 +1,41 @@
-"""Round overhead: the wall time of a whole demo round split by stage, and the share of it
-spent outside model compute (Ray start, scheduling, Ray Train start, parquet I/O, engine
-start, export), so that overhead is visible and can be driven down.
+"""Rounds at the speed of their compute: a many-round online run on the toy world, today's
+design against the per-stage design it replaced, in the same run.
 
-Runs the real driver (`pipeline.dag.run_pipeline`) on `configs/demo.yaml` (the toy world)
-with a fresh run directory under `.cache/bench/round/` and `rounds.count` rounds (default
-1: the offline round prepare -> reference -> train -> evaluate; `--rounds 2` adds the online
-round sample -> score -> pair -> reference -> train -> evaluate). The vLLM UDFs are timed
-from inside their actors (`common.timed_vllm_udfs`), training steps from `metrics.jsonl`
-(each step's own compute time is what the trainer reports as pairs/s; the wall between
-steps adds `ray.train.report`), stages from their manifests (`seconds`).
+Each design runs the real driver (`pipeline.dag.run_pipeline`) on `configs/demo.yaml` with
+`rounds.count` rounds of `rounds.prompts_per_round` prompts (defaults 10 and 32), in a
+child process of its own with a fresh local Ray cluster and run directory under
+`.cache/bench/round/`. This checkout is "ours"; the baseline is the same program at
+`--baseline` (a git revision, default BASELINE: the last commit whose stages each started
+their own vLLM engines), extracted with `git archive` and run with the same venv.
+
+Inside the child the vLLM engine class is swapped for a timed subclass
+(`common.timed_vllm_udfs`): engine starts, calls and weight updates are timed inside the
+engine actors; training steps come from `metrics.jsonl`, stages from their manifests.
 
 Model compute = vLLM engine calls (prompt log-probs, sampling) + training steps (median
-step compute x steps). Everything else in the round's wall is overhead.
+step compute x steps). A round's wall runs from its first stage's start to its last
+stage's end; the steady-state share is over rounds >= 2.
 
-    .venv/bin/python bench/bench_round.py [--config configs/demo.yaml] [--rounds 1]
+    .venv/bin/python bench/bench_round.py [--rounds 10] [--prompts-per-round 32]
+        [--baseline REV | --baseline none] [--config configs/demo.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    CACHE,
-    ROOT,
-    emit,
-    ensure_toy,
-    line,
-    machine,
-    read_timings,
-    set_env,
-    timed_vllm_udfs,
-)
+from common import CACHE, ROOT, emit, ensure_toy, line, machine, ratio_line, read_timings, set_env
+
+BASELINE = "30b3ead"  # stages start their own engines; a Ray Train fit per round
 
 
 def free_port() -> int:
@@ -45,27 +44,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_round(config: Path, rounds: int) -> tuple[Path, float, float]:
+def child(config: Path, run_dir: Path, rounds: int, prompts: int) -> None:
+    """Runs inside the child process: one timed run of the driver."""
     import ray
+    from common import timed_vllm_udfs
 
-    from pipeline.cluster import connect
     from pipeline.config import load_config
     from pipeline.dag import run_pipeline
 
-    run_dir = CACHE / "round" / time.strftime("run-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True)
     cfg = load_config(config, {"run_dir": str(run_dir), "rounds.count": rounds,
+                               "rounds.prompts_per_round": prompts,
                                "ray.dashboard_port": free_port(),
                                "reference.cache_dir": str(run_dir / "cache" / "reference")})
-    t0 = time.time()
     with timed_vllm_udfs(run_dir / "timings.jsonl"):
-        connect(cfg)  # what run_pipeline would do first; it then reuses this cluster
-        ray_start = time.time() - t0
         try:
             run_pipeline(cfg)
         finally:
             ray.shutdown()
-    return run_dir, ray_start, time.time() - t0
+
+
+def code_root(rev: str | None) -> Path:
+    """This checkout (None), or `rev` extracted under .cache/bench/round/code-REV."""
+    if rev is None:
+        return ROOT
+    out = CACHE / "round" / f"code-{rev}"
+    if not (out / "pipeline").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def run_design(name: str, root: Path, config: Path, rounds: int, prompts: int,
+               engine_in_udf: bool = False) -> dict[str, Any]:
+    run_dir = CACHE / "round" / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(ROOT / "bench")])}
+    t0 = time.time()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        subprocess.run([sys.executable, __file__, "--child", str(config), str(run_dir),
+                        str(rounds), str(prompts)], env=env, cwd=root, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
+    return {"name": name, "run_dir": run_dir, "wall": time.time() - t0,
+            "engine_in_udf": engine_in_udf}
 
 
 def stage_table(run_dir: Path) -> list[dict[str, Any]]:
@@ -78,74 +100,102 @@ def stage_table(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: s["start"])
 
 
-def split_stage(stage: dict[str, Any], timings: list[dict[str, Any]],
-                train_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Model compute and named overheads inside one stage's wall."""
-    inside = [t for t in timings if stage["start"] <= t["start"] <= stage["end"]]
-    # A UDF (PairLogprobs, Sampler) constructs and calls an Engine in its own process: count
-    # the UDF's records there, and Engine records only from bare Engine actors (evaluate).
-    udf_pids = {t["pid"] for t in inside if t["cls"] != "Engine"}
-    inside = [t for t in inside if t["cls"] != "Engine" or t["pid"] not in udf_pids]
-    parts: dict[str, float] = {}
-    inits = [t for t in inside if t["what"] == "init"]
-    if inits:
-        parts["engine start (UDF / Engine constructors)"] = sum(t["s"] for t in inits)
-    calls = [t for t in inside if t["what"] != "init"]
-    if calls:
-        parts["model compute (vLLM calls)"] = sum(t["s"] for t in calls)
-    rows = [r for r in train_rows if stage["start"] <= r["time"] <= stage["end"]]
-    if stage["stage"] == "train" and rows:
-        per_step = [r["pairs_per_s"] for r in rows]
-        pairs = stage["outputs"]["num_pairs"] // max(1, stage["outputs"]["optimizer_steps"])
-        step_s = statistics.median(pairs / p for p in per_step[1:] or per_step)
-        compute = step_s * len(rows)
-        parts["Ray Train start to first step"] = rows[0]["time"] - stage["start"] - step_s
-        parts["model compute (train steps)"] = compute
-        parts["between steps (ray.train.report etc.)"] = (rows[-1]["time"] - rows[0]["time"]
-                                                          - step_s * (len(rows) - 1))
-        parts["export + teardown after last step"] = stage["end"] - rows[-1]["time"]
-    parts["rest (scheduling, Ray Data, parquet I/O, driver)"] = stage["seconds"] - sum(parts.values())
-    return parts
+def train_compute(stage: dict[str, Any], rows: list[dict[str, Any]]) -> float:
+    """Median step compute x steps of one train stage (pairs/s as the trainer reports it)."""
+    rows = [r for r in rows if stage["start"] <= r["time"] <= stage["end"]]
+    if not rows or not stage["outputs"].get("optimizer_steps"):
+        return 0.0
+    pairs = stage["outputs"]["trained_pairs"] // stage["outputs"]["optimizer_steps"]
+    per_step = [r["pairs_per_s"] for r in rows]
+    return statistics.median(pairs / p for p in per_step[1:] or per_step) * len(rows)
+
+
+def engine_timings(timings: list[dict[str, Any]], engine_in_udf: bool) -> list[dict[str, Any]]:
+    """The records of engine work: the Engine's own; in the per-stage design (an engine
+    inside each Ray Data UDF, whose Engine records are not written), a UDF's records stand
+    for its engine's (its start, and its batches: engine compute plus a little overhead,
+    which counts in the baseline's favour)."""
+    engines = [t for t in timings if t["cls"] == "Engine"]
+    if not engine_in_udf:
+        return engines
+    pids = {t["pid"] for t in engines}
+    udf = [{**t, "what": "init" if t["what"] == "init" else "sample"} for t in timings
+           if t["cls"] != "Engine" and t["pid"] not in pids]
+    return engines + udf
+
+
+def analyse(design: dict[str, Any]) -> dict[str, Any]:
+    run_dir = design["run_dir"]
+    timings = engine_timings(read_timings(run_dir / "timings.jsonl"), design["engine_in_udf"])
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in metrics if r.get("kind") == "train"]
+    stages = stage_table(run_dir)
+    rounds: dict[int, dict[str, Any]] = {}
+    for st in stages:
+        r = rounds.setdefault(st["round"], {"start": st["start"], "end": st["end"], "compute": 0.0})
+        r["start"], r["end"] = min(r["start"], st["start"]), max(r["end"], st["end"])
+        if st["stage"] == "train":
+            r["compute"] += train_compute(st, train_rows)
+            r["pairs"] = st["outputs"].get("trained_pairs", st["outputs"]["num_pairs"])
+    for t in timings:
+        if t["what"] in ("sequence_logprobs", "sample", "sequence_collisions"):
+            for r in rounds.values():
+                if r["start"] <= t["start"] <= r["end"]:
+                    r["compute"] += t["s"]
+    trainer_rows = [r for r in metrics if r.get("kind") == "lifecycle"
+                    and r.get("event") == "trainer_start"]
+    fits = len(trainer_rows) or sum(1 for st in stages if st["stage"] == "train"
+                                    and st["outputs"].get("optimizer_steps"))
+    updates = [t["s"] for t in timings if t["what"] == "update_weights"]
+    steady = [r for k, r in rounds.items() if k >= 2]
+    return {**design, "rounds": rounds,
+            "engine_starts": sum(1 for t in timings if t["what"] == "init"),
+            "trainer_starts": fits, "updates": updates,
+            "steady_share": (sum(r["compute"] for r in steady)
+                             / sum(r["end"] - r["start"] for r in steady)) if steady else float("nan"),
+            "compute": sum(r["compute"] for r in rounds.values())}
+
+
+def report(d: dict[str, Any]) -> None:
+    name = d["name"]
+    emit(line(f"{name}: run dir", str(d["run_dir"])), line(f"{name}: whole run wall", d["wall"], "s"),
+         line(f"{name}: model compute", d["compute"], "s"),
+         line(f"{name}: engine starts", str(d["engine_starts"])),
+         line(f"{name}: trainer worker-group starts", str(d["trainer_starts"])))
+    for k, r in sorted(d["rounds"].items()):
+        emit(line(f"{name}: round {k} wall / compute / pairs trained",
+                  f"{r['end'] - r['start']:.1f} s / {r['compute']:.1f} s / {r.get('pairs', 0)}"))
+    if d["updates"]:
+        emit(line(f"{name}: weight update per engine (median of {len(d['updates'])})",
+                  statistics.median(d["updates"]), "s"))
+    emit(f"{name}: steady-state rounds (>= 2) share of wall in model compute:"
+         f" {d['steady_share']:.1%} (target >= 75%: {'met' if d['steady_share'] >= 0.75 else 'missed'})")
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        config, run_dir, rounds, prompts = sys.argv[2:6]
+        return child(Path(config), Path(run_dir), int(rounds), int(prompts))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--run-dir", type=Path, help="report on a finished bench run, do not run")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--prompts-per-round", type=int, default=32)
+    ap.add_argument("--baseline", default=BASELINE, help="git revision, or 'none'")
     args = ap.parse_args()
     set_env()
     ensure_toy()
-    if args.run_dir:
-        run_dir, ray_start, wall = args.run_dir, float("nan"), float("nan")
-    else:
-        run_dir, ray_start, wall = run_round(args.config, args.rounds)
-        (run_dir / "bench.json").write_text(json.dumps({"ray_start": ray_start, "wall": wall}))
-    saved = json.loads((run_dir / "bench.json").read_text())
-    ray_start, wall = saved["ray_start"], saved["wall"]
-    timings = read_timings(run_dir / "timings.jsonl")
-    train_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in train_rows if r.get("kind") == "train"]
-    stages = stage_table(run_dir)
     emit(line("machine", machine()),
-         line("run", f"{args.config.name}, {args.rounds} round(s), run dir {run_dir}"))
-    compute = 0.0
-    staged = 0.0
-    for st in stages:
-        parts = split_stage(st, timings, train_rows)
-        staged += st["seconds"]
-        compute += sum(v for k, v in parts.items() if k.startswith("model compute"))
-        emit(line(f"round {st['round']} {st['stage']}", st["seconds"], "s"))
-        for k, v in parts.items():
-            emit(line(f"  {st['stage']}: {k}", v, "s"))
-    emit(line("Ray start (ray.init with dashboard)", ray_start, "s"),
-         line("driver outside stages and Ray start (imports, plots, summary, shutdown)",
-              wall - staged - ray_start, "s"),
-         line("whole run wall", wall, "s"),
-         line("model compute", compute, "s"))
-    share = 1 - compute / wall
-    emit(f"share of the round outside model compute: {share:.1%} "
-         f"(target < 10%: {'met' if share < 0.10 else 'missed'})")
+         line("run", f"{args.config.name}, {args.rounds} online rounds of"
+                     f" {args.prompts_per_round} prompts"))
+    config = args.config.resolve()
+    ours = analyse(run_design("ours", ROOT, config, args.rounds, args.prompts_per_round))
+    report(ours)
+    if args.baseline != "none":
+        base = analyse(run_design(f"baseline-{args.baseline}", code_root(args.baseline), config,
+                                  args.rounds, args.prompts_per_round, engine_in_udf=True))
+        report(base)
+        emit(ratio_line(f"whole-run wall, baseline {args.baseline} / ours", base["wall"],
+                        ours["wall"], target=5))
 
 
 if __name__ == "__main__":

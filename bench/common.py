@@ -349,11 +349,14 @@ def read_timings(log_path: Path) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def timed_vllm_udfs(log_path: Path) -> Iterator[Path]:
     """Swap `workers.vllm_pool`'s Engine / PairLogprobs / Sampler for timed subclasses
-    (the stages import them from that module at call time); restore them on exit."""
+    (the stages and pipeline.engines look them up in that module at call time); restore them
+    on exit. Engine records are model compute (and its start); a UDF's record is the wall of
+    one batch as Ray Data sees it (waiting on its engine included)."""
     import workers.vllm_pool as pool
 
     real = {n: getattr(pool, n) for n in ("Engine", "PairLogprobs", "Sampler")}
-    pool.Engine = timed_subclass(real["Engine"], log_path, ["sequence_logprobs", "sample"])
+    pool.Engine = timed_subclass(real["Engine"], log_path, ["sequence_logprobs", "sample",
+                                                            "sequence_collisions", "update_weights"])
     pool.PairLogprobs = timed_subclass(real["PairLogprobs"], log_path, ["__call__"])
     pool.Sampler = timed_subclass(real["Sampler"], log_path, ["__call__"])
     try:

@@ -63,6 +63,7 @@ class Round:
     reference_path: str
     env: dict[str, str]
     sink: Any = None
+    engines: Any = None  # the run's vLLM engines (pipeline.engines.Engines)
     policy_digest: str | None = None  # known when the policy is an earlier round's output
     carried: tuple[str, Path] | None = None  # (train key, pairs) an earlier round left untrained
     verbose: bool = False  # libraries' and workers' output on the console (else in logs/)
@@ -161,8 +162,9 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
         splits["eval"] = r.stage_path("prepare", "eval")
     key = inputs["cache_key"]
     cache_root = Path(r.cfg.reference.cache_dir or r.run_dir / "cache" / "reference")
-    result = run_reference(splits, key, cache_root, r.reference_path, r.cfg.reference,
-                           r.cfg.model.trust_remote_code, kl_pairs=inputs["kl_pairs"])
+    result = run_reference(splits, key, cache_root,
+                           lambda: r.engines.client("reference", r.reference_path),
+                           r.cfg.reference, kl_pairs=inputs["kl_pairs"])
     console.print(f"  reference log-probs {'from cache' if result['cache_hit'] else 'computed'}:"
                   f" {result['rows']} → {result['cache_dir']}")
     outputs = {s: str(Path(result["cache_dir"]) / s) for s in splits}
@@ -215,6 +217,8 @@ def _evaluate_inputs(r: Round) -> dict[str, Any]:
             "reference": r.done["reference"].key,
             "eval": cfg.eval.model_dump(),
             "sampling": cfg.sampling.model_dump(exclude=SCHEDULING_ONLY_ENGINE),
+            "reference_engine": cfg.reference.engine.model_dump(
+                exclude=SCHEDULING_ONLY_ENGINE["engine"]),
             "reward": cfg.reward.model_dump() if cfg.reward else None}
 
 
@@ -223,7 +227,7 @@ def _evaluate(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
     # Compare with the initial model every round, so KL and win rate add up across rounds.
     metrics = run_evaluate(r.stage_path("reference", "eval"), str(r.stage_path("train", "model_dir")),
-                           r.cfg.model.reference_path, r.cfg, out,
+                           r.cfg.model.reference_path, r.cfg, out, r.engines,
                            r.done["train"].outputs.get("final_metrics", {}).get("running_mean"))
     metrics["round"] = r.index
     if r.sink is not None:
@@ -245,7 +249,8 @@ def _sample(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
     train = r.stage_path("prepare", "train") if r.has("prepare", "train") else None
     prompts = round_prompts(prompt_pool(r.cfg, train), r.cfg, r.index)
-    n = run_sample(prompts, r.policy_path, r.cfg, r.cfg.sampling.seed + r.index, out)
+    n = run_sample(prompts, r.engines.client("policy", r.policy_path), r.cfg,
+                   r.cfg.sampling.seed + r.index, out)
     console.print(f"  {n} samples from {len(prompts)} prompts of policy {r.policy_path}")
     return {"samples": "samples", "prompts": len(prompts), "rows": n,
             "policy_path": r.policy_path, "policy_digest": inputs["policy"]}
@@ -351,10 +356,12 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
     import ray
 
     from pipeline.cluster import connect, worker_env
+    from pipeline.engines import Engines
     from pipeline.metrics import plot_run
     from workers.metrics_sink import MetricsSink
     from workers.tracking import table_data
 
+    started = time.time()
     info = connect(cfg, verbose)
     console.print(f"Ray dashboard: {info['dashboard_url'] or '(not running)'}"
                   + ("" if verbose else f"; logs: {log_dir}"))
@@ -362,11 +369,23 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
         str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)},
         cfg.tracking.model_dump(), cfg.model_dump(mode="json"))
     env = worker_env(cfg, verbose)
+    with Engines(cfg, sink) as engines:  # started at first use, ended with the run
+        rounds = _rounds(cfg, run_dir, env, sink, engines, verbose)
+    ray.get(sink.set_context.remote())  # flush pending metric rows
+    plots = plot_run(run_dir)
+    name_actor_logs(log_dir)
+    table = print_summary(rounds, run_dir, plots, info, since=started)
+    ray.get(sink.finish.remote(table_data(table)))  # the trackers get the table, then close
+    return 0
+
+
+def _rounds(cfg: RunConfig, run_dir: Path, env: dict[str, str], sink: Any, engines: Any,
+            verbose: bool) -> list[Round]:
     policy = cfg.model.policy
     rounds: list[Round] = []
     for k in range(cfg.rounds.count):
         reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
-        r = Round(cfg, run_dir, k, policy, reference, env, sink, verbose=verbose)
+        r = Round(cfg, run_dir, k, policy, reference, env, sink, engines, verbose=verbose)
         if rounds:  # prepare ran once, in round 0
             r.policy_digest = trained_digest(rounds[-1])
             r.done["prepare"] = rounds[0].done["prepare"]
@@ -376,12 +395,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
         run_stages(r, SAMPLED_ROUND if r.sampled else OFFLINE_ROUND)
         rounds.append(r)
         policy = str(r.stage_path("train", "model_dir"))
-    ray.get(sink.set_context.remote())  # flush pending metric rows
-    plots = plot_run(run_dir)
-    name_actor_logs(log_dir)
-    table = print_summary(rounds, run_dir, plots, info)
-    ray.get(sink.finish.remote(table_data(table)))  # the trackers get the table, then close
-    return 0
+    return rounds
 
 
 def resume_pipeline(run_dir: Path, verbose: bool = False) -> int:
@@ -443,7 +457,12 @@ def summary_cell(m: dict[str, Any], key: str, ref_key: str | None, null: float |
     return text + (f" {marks}" if marks else "")
 
 
-def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: dict[str, Any]) -> Table:
+def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: dict[str, Any],
+                  since: float | None = None) -> Table:
+    """The evaluation table and where things are; with `since` (the driver session's start),
+    also what it started and loaded (engines, weight updates, trainers)."""
+    from pipeline.metrics import lifecycle_line, read_metrics
+
     table = Table(title=f"evaluation on held-out data, {run_dir}", box=box.SIMPLE_HEAD, show_edge=False)
     metrics = [r.done["evaluate"].outputs["metrics"] if "evaluate" in r.done else {}
                for r in rounds]
@@ -470,6 +489,9 @@ def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: d
     console.print("± 95% interval (seeded bootstrap over the eval prompts or pairs); * differs"
                   " from the reference, † from the previous round (paired; see README)",
                   highlight=False)
+    if since is not None:
+        console.print(f"started:    {lifecycle_line(read_metrics(run_dir / 'metrics.jsonl'), since)}",
+                      highlight=False)
     last = rounds[-1]
     console.print(f"checkpoint: {last.stage_path('train', 'model_dir')}")
     console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")

@@ -24,6 +24,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def lifecycle_line(rows: list[dict[str, Any]], since: float = 0.0) -> str:
+    """What started and what was loaded since `since` (a driver session's start), from the
+    `lifecycle` rows: 'engines: 2 started (1 restart), 3 weight updates (0.07 s); trainer: 1 start'."""
+    events = [r for r in rows if r.get("kind") == "lifecycle" and r.get("time", 0) >= since]
+    starts = [r for r in events if r["event"] == "engine_start"]
+    updates = [r for r in events if r["event"] == "weight_update"]
+    trainers = [r for r in events if r["event"] == "trainer_start"]
+    restarts = sum(bool(r.get("restarted")) for r in starts)
+    text = (f"engines: {len(starts)} started" + (f" ({restarts} restarts)" if restarts else "")
+            + f", {len(updates)} weight updates ({sum(r['seconds'] for r in updates):.2f} s)")
+    return text + f"; trainer: {len(trainers)} start{'s' * (len(trainers) != 1)}"
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """Write train.png and eval.png into run_dir/plots; return the paths written."""
     import matplotlib

@@ -118,6 +118,7 @@ def run_eval(cfg: RunConfig, model_dir: Path, out_root: Path, round_index: int =
 
     from pipeline.cluster import connect, worker_env
     from pipeline.dag import OFFLINE_ROUND, Round, Stage, print_summary, run_stages
+    from pipeline.engines import Engines
     from workers.metrics_sink import MetricsSink
 
     problems = eval_problems(cfg)
@@ -131,15 +132,17 @@ def run_eval(cfg: RunConfig, model_dir: Path, out_root: Path, round_index: int =
     info = connect(cfg)
     sink = ray.remote(MetricsSink).options(num_cpus=0).remote(
         str(out_root / "metrics.jsonl"), {"run_dir": str(out_root)})
+    engines = Engines(cfg, sink)
     r = Round(cfg, out_root, round_index, str(model_dir), reference or cfg.model.reference_path,
-              worker_env(cfg), sink)
+              worker_env(cfg), sink, engines)
     digest = model_digest(str(model_dir))
     outputs = {"num_pairs": "-", **(trained or {}), "model_dir": str(model_dir),
                "model_digest": digest}
     r.done["train"] = Manifest("train", digest, {"model": str(model_dir)}, outputs, 0.0, time.time())
     stages = {s.name: s for s in OFFLINE_ROUND}
     prepare = Stage("prepare", _prepare_eval_inputs, _prepare_eval)
-    run_stages(r, [prepare, stages["reference"], stages["evaluate"]])
+    with engines:
+        run_stages(r, [prepare, stages["reference"], stages["evaluate"]])
     ray.get(sink.set_context.remote())  # flush pending metric rows
     print_summary([r], out_root, [], info)
     return r.done["evaluate"].outputs["metrics"]

@@ -1,7 +1,15 @@
-"""vLLM engines as Ray Data actor UDFs: prompt log-probs of given responses, and sampling.
+"""vLLM engines as long-lived Ray actors, and the Ray Data UDFs that feed them.
 
-One engine per actor. A pool is `ds.map_batches(UDF, concurrency=N, ...)`; Ray Data keeps
-the actors alive across batches and restarts one that dies.
+An `Engine` actor is started once per run (pipeline.engines) and keeps its model loaded;
+it receives new weights in place (`update_weights`, no restart). A stage maps its rows over
+the engines with `ds.map_batches(UDF, ...)`: each UDF actor is a thin client
+(`EngineClient`) that sends its batch to one of the pool's engines and returns the rows, so
+Ray Data keeps feeding the engines while the engines outlive every stage.
+
+Faults: an engine actor that dies (or that its watchdog ends: a call that never answers)
+is restarted by Ray, and the call that was in flight is retried on the new actor; every
+call names the weights it needs, so a restarted engine (back on the checkpoint it started
+from) reloads the version it served before it answers.
 """
 
 from __future__ import annotations
@@ -9,16 +17,26 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 START_TIMEOUT_FACTOR = 3  # an engine start (load, compile, KV cache) may take longer than a call
+ENGINE_RESTARTS = 3  # times Ray restarts a dead engine actor (and retries its in-flight call)
 
 
 def _ints(ids: Sequence[Any]) -> list[int]:
     return [int(t) for t in ids]  # vLLM's msgpack encoder refuses numpy integers
+
+
+def weights_id(path: str) -> str:
+    """What identifies the weights at `path`: the path and its safetensors files' sizes and
+    modification times (a checkpoint written again at the same path is other weights)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    return "|".join([str(Path(path).resolve())]
+                    + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files])
 
 
 class Engine:
@@ -30,9 +48,13 @@ class Engine:
     the actor and redoes its batch."""
 
     def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, pool: str = "", sink: Any = None):
+        """`pool` names the engine in reports and in the `lifecycle` rows it sends to the
+        run's MetricsSink `sink` (engine starts and weight updates)."""
         from workers.watchdog import Watchdog
 
+        t0 = time.perf_counter()
+        self.pool, self.sink = pool or os.path.basename(model_path), sink
         timeout = engine.get("call_timeout_s", 300.0)
         self.watchdog = Watchdog(f"vLLM engine (pid {os.getpid()}, {os.path.basename(model_path)})",
                                  START_TIMEOUT_FACTOR * timeout)
@@ -57,8 +79,29 @@ class Engine:
         kwargs.update(engine.get("extra") or {})
         self.llm = LLM(**kwargs)
         self.version = 0  # the weight version served (0: the checkpoint it started from)
+        self.weights = weights_id(model_path)
         self.watchdog.timeout_s = timeout
         self.watchdog.idle()
+        self._lifecycle("engine_start", seconds=time.perf_counter() - t0,
+                        restarted=_restarted())
+
+    def _lifecycle(self, event: str, **row: Any) -> None:
+        if self.sink is not None:
+            self.sink.log.remote("lifecycle", {"event": event, "pool": self.pool,
+                                               "pid": os.getpid(), **row})
+
+    def ready(self) -> int:
+        """Answers once the engine is built: its weight version."""
+        return self.version
+
+    def serve(self, weights_path: str, weights: str, version: int, method: str, *args: Any,
+              **kwargs: Any) -> Any:
+        """Call `method` on the weights `weights` (a `weights_id`) of version `version`,
+        loaded from `weights_path` first when the engine serves others (a restarted
+        engine is back on the checkpoint it started from)."""
+        if self.weights != weights:
+            self.update_weights(weights_path, version)
+        return getattr(self, method)(*args, **kwargs)
 
     def update_weights(self, weights_path: str, version: int) -> dict[str, Any]:
         """Load the HF safetensors checkpoint at `weights_path` into the running engine, in
@@ -77,9 +120,11 @@ class Engine:
             self.llm.reset_prefix_cache()
         finally:
             self.watchdog.idle()
-        self.version = version
+        self.version, self.weights = version, weights_id(weights_path)
         size = sum(f.stat().st_size for f in Path(weights_path).glob("*.safetensors"))
-        return {"version": version, "bytes": size, "seconds": time.perf_counter() - t}
+        update = {"version": version, "bytes": size, "seconds": time.perf_counter() - t}
+        self._lifecycle("weight_update", **update)
+        return update
 
     def generate(self, prompts: list[Any], params: Any) -> list[Any]:
         """`LLM.generate`, watched (see the class docstring)."""
@@ -120,8 +165,7 @@ class Engine:
         full = [_ints(p) + _ints(r) for p, r in zip(prompts, responses)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0,
                                 detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params,
-                                 use_tqdm=False)
+        outs = self.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params)
         result = []
         for out, ids, prompt in zip(outs, full, prompts):
             steps = out.prompt_logprobs[len(prompt):len(ids)]
@@ -153,6 +197,16 @@ class Engine:
                 samples.append((list(c.token_ids), float(logp), c.text))
             result.append(samples)
         return result
+
+
+def _restarted() -> bool:
+    """Whether this actor is a restart of one that died (False outside a Ray actor)."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 (not in an actor)
+        return False
 
 
 def _refresh_tied_head(worker: Any) -> None:
@@ -193,7 +247,49 @@ def _has_gpu() -> bool:
         return False
 
 
-class PairLogprobs:
+@dataclass(frozen=True)
+class EngineClient:
+    """What a Ray Data UDF needs to call one pool's engines (picklable): the engine actors,
+    the weights every call must run on, and how long to wait for an answer before giving up
+    (a backstop: an engine's own watchdog ends a stuck call sooner, and Ray restarts the
+    engine and retries the call within this)."""
+
+    actors: tuple[Any, ...]
+    weights_path: str
+    weights: str  # weights_id(weights_path)
+    version: int
+    pool: str
+    timeout_s: float
+
+    def call(self, turn: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`method` on engine `turn` mod the pool size, on this client's weights."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        actor = self.actors[turn % len(self.actors)]
+        ref = actor.serve.remote(self.weights_path, self.weights, self.version, method,
+                                 *args, **kwargs)
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except GetTimeoutError:
+            raise TimeoutError(f"{self.pool} engine {turn % len(self.actors)}: {method} did not"
+                               f" answer within {self.timeout_s:.0f} s (restarts included)") from None
+
+
+class _EngineUDF:
+    """A Ray Data UDF sending each batch to the next engine of its pool (round robin from a
+    per-actor offset, so a pool's UDF actors spread over its engines)."""
+
+    def __init__(self, client: EngineClient):
+        self.client = client
+        self.turn = int.from_bytes(os.urandom(2), "big")
+
+    def engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.turn += 1
+        return self.client.call(self.turn, method, *args, **kwargs)
+
+
+class PairLogprobs(_EngineUDF):
     """Ray Data UDF: summed log-probs (and shared-prefix sums) of chosen and rejected.
 
     Adds columns `<prefix>_chosen_logp`, `<prefix>_rejected_logp`, `<prefix>_chosen_prefix_logp`,
@@ -204,16 +300,15 @@ class PairLogprobs:
     one row keeps its own), and `<prefix>_kl_chosen_logp`/`<prefix>_kl_rejected_logp`.
     """
 
-    def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
-                 prefix: str = "ref", kl_pairs: bool = False):
-        self.engine = Engine(model_path, engine, trust_remote_code)
+    def __init__(self, client: EngineClient, prefix: str = "ref", kl_pairs: bool = False):
+        super().__init__(client)
         self.prefix = prefix
         self.kl_pairs = kl_pairs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.column("prompt_ids").to_pylist()
-        chosen = self.engine.sequence_logprobs(prompts, batch.column("chosen_ids").to_pylist())
-        rejected = self.engine.sequence_logprobs(prompts, batch.column("rejected_ids").to_pylist())
+        chosen = self.engine("sequence_logprobs", prompts, batch.column("chosen_ids").to_pylist())
+        rejected = self.engine("sequence_logprobs", prompts, batch.column("rejected_ids").to_pylist())
         shared = [min(len(c), len(r)) for c, r in zip(chosen, rejected)]
         p = self.prefix
         new = {
@@ -230,42 +325,50 @@ class PairLogprobs:
             for side in ("chosen", "rejected"):
                 ids = batch.column(f"{side}_ids").to_pylist()
                 ids = ids[-1:] + ids[:-1]
-                kl = self.engine.sequence_logprobs(prompts, ids)
+                kl = self.engine("sequence_logprobs", prompts, ids)
                 batch = batch.append_column(f"kl_{side}_ids", pa.array(ids, pa.list_(pa.int32())))
                 batch = batch.append_column(f"{p}_kl_{side}_logp",
                                             pa.array([sum(x) for x in kl], pa.float64()))
         return batch
 
 
-class ResponseLogprobs:
-    """Ray Data UDF: summed log-prob of `response_ids` given `prompt_ids` → column `<prefix>_logp`."""
+class TokenLogprobs(_EngineUDF):
+    """Ray Data UDF: per-token log-probs of `prompt_ids` + each of `columns` (token-id lists)
+    as `<column>_logps` (lists of floats), and for each of `collisions` (some of `columns`)
+    its per-token log Σ_v p(v)² (`Engine.sequence_collisions`) as `<column>_collisions`."""
 
-    def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
-                 prefix: str = "ref"):
-        self.engine = Engine(model_path, engine, trust_remote_code)
-        self.prefix = prefix
+    def __init__(self, client: EngineClient, columns: Sequence[str],
+                 collisions: Sequence[str] = ()):
+        super().__init__(client)
+        self.columns, self.collisions = list(columns), set(collisions)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        logps = self.engine.sequence_logprobs(batch.column("prompt_ids").to_pylist(),
-                                              batch.column("response_ids").to_pylist())
-        return batch.append_column(f"{self.prefix}_logp",
-                                   pa.array([sum(x) for x in logps], pa.float64()))
+        prompts = batch.column("prompt_ids").to_pylist()
+        for column in self.columns:
+            responses = batch.column(column).to_pylist()
+            for method, suffix in (("sequence_logprobs", "logps"),
+                                   ("sequence_collisions", "collisions")):
+                if suffix == "collisions" and column not in self.collisions:
+                    continue
+                values = self.engine(method, prompts, responses)
+                batch = batch.append_column(f"{column}_{suffix}",
+                                            pa.array(values, pa.list_(pa.float64())))
+        return batch
 
 
-class Sampler:
+class Sampler(_EngineUDF):
     """Ray Data UDF: one row per prompt in, `n` rows out (the prompt's columns repeated, plus
     `sample_index`, `response_ids`, `response`, `policy_logp`)."""
 
-    def __init__(self, model_path: str, engine: dict[str, Any], sampling: dict[str, Any],
-                 trust_remote_code: bool = False):
-        self.engine = Engine(model_path, engine, trust_remote_code, seed=sampling.get("seed", 0))
+    def __init__(self, client: EngineClient, sampling: dict[str, Any]):
+        super().__init__(client)
         self.sampling = sampling
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.sampling
         prompts = batch.column("prompt_ids").to_pylist()
-        samples = self.engine.sample(prompts, s["n"], s["temperature"], s["top_p"],
-                                     s["max_tokens"], s["seed"])
+        samples = self.engine("sample", prompts, s["n"], s["temperature"], s["top_p"],
+                              s["max_tokens"], s["seed"])
         rows = []
         for prompt, per_prompt in zip(batch.to_pylist(), samples):
             for j, (ids, logp, text) in enumerate(per_prompt):

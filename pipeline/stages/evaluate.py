@@ -15,7 +15,6 @@ so the summary can test a change against the previous round paired over the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +27,20 @@ from pipeline.evalstats import mean_ci, paired_diff_ci, wins
 from workers.rewards import load_reward_fn
 
 
-def _engine_pool(model_path: str, pool: PoolConfig, trust_remote_code: bool, seed: int):
-    import ray
-    from ray.util import ActorPool
-
-    from workers.vllm_pool import Engine
-
-    remote = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor,
-                        resources=pool.resources)(Engine)
-    actors = [remote.remote(model_path, pool.engine.model_dump(), trust_remote_code, seed)
-              for _ in range(pool.num_actors)]
-    return actors, ActorPool(actors)
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _map(pool, method: str, size: int, rows: int, *columns: Sequence[Any], **kwargs) -> list[Any]:
-    """Call actor `method` on chunks of `size` rows of `columns`; results in row order."""
-    jobs = [[c[s] for c in columns] for s in _chunks(rows, size)]
-    out: list[Any] = []
-    for part in pool.map(lambda a, job: getattr(a, method).remote(*job, **kwargs), jobs):
-        out.extend(part)
-    return out
-
-
-def _kill(actors) -> None:
+def through_engines(rows: list[dict[str, Any]], udf: type, args: tuple, pool: PoolConfig
+                    ) -> list[dict[str, Any]]:
+    """`rows` through a Ray Data map of the engine UDF `udf(*args)`, back in their order."""
     import ray
 
-    for a in actors:
-        ray.kill(a)
+    from pipeline.engines import map_args
+
+    if not rows:
+        return []
+    table = pa.Table.from_pylist([{**r, "_row": i} for i, r in enumerate(rows)])
+    ds = ray.data.from_arrow(table).map_batches(udf, fn_constructor_args=args,
+                                                batch_format="pyarrow", **map_args(pool))
+    out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("_row")
+    return out.drop_columns(["_row"]).to_pylist()
 
 
 def eval_pair_logps(pairs: list[dict[str, Any]], pol_c: list[list[float]],
@@ -150,44 +132,45 @@ def prompt_metrics(kl: np.ndarray, gold_policy: np.ndarray | None = None,
 
 
 def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: RunConfig,
-                 out_dir: Path, running_mean: float | None = None) -> dict[str, float]:
-    """`running_mean`: the train stage's final running mean (losses that need running stats)."""
+                 out_dir: Path, engines: Any, running_mean: float | None = None) -> dict[str, float]:
+    """The policy at `policy_path` against the reference at `reference_path`, on the run's
+    `engines` (pipeline.engines.Engines: the policy pool loads the policy in place, the
+    reference pool the reference). `running_mean`: the train stage's final running mean
+    (losses that need running stats)."""
+    from workers.vllm_pool import Sampler, TokenLogprobs
+
     pairs = pq.read_table(str(eval_dir)).to_pylist()
     if cfg.eval.max_pairs:
         pairs = pairs[: cfg.eval.max_pairs]
     needs = loss_needs(cfg.loss)
     # distinct prompts as the model sees them (multi-turn prompts share their last turn)
-    prompts: dict[tuple[int, ...], tuple[list[int], str]] = {}
+    prompts: dict[tuple[int, ...], dict[str, Any]] = {}
     for p in pairs:
-        prompts.setdefault(tuple(p["prompt_ids"]), (p["prompt_ids"], p["prompt_text"]))
+        prompts.setdefault(tuple(p["prompt_ids"]), {"prompt_ids": p["prompt_ids"],
+                                                    "prompt_text": p["prompt_text"]})
     prompt_rows = list(prompts.values())[: cfg.eval.num_prompts]
-    p_ids = [r[0] for r in prompt_rows]
-    p_text = [r[1] for r in prompt_rows]
+    p_text = [r["prompt_text"] for r in prompt_rows]
     s = cfg.sampling
-    sample_kw = {"n": 1, "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
-                     "seed": s.seed}
-    size = cfg.sampling.batch_size
-    trc = cfg.model.trust_remote_code
+    sampling = {"n": 1, "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+                "seed": s.seed}
 
-    actors, pool = _engine_pool(policy_path, cfg.sampling, trc, s.seed)
-    prompt_col = [p["prompt_ids"] for p in pairs]
-    sides = {side: [p[f"{side}_ids"] for p in pairs] for side in ("chosen", "rejected")}
-    pol_c = _map(pool, "sequence_logprobs", size, len(pairs), prompt_col, sides["chosen"])
-    pol_r = _map(pool, "sequence_logprobs", size, len(pairs), prompt_col, sides["rejected"])
-    pol_kl = pol_sq = None
-    if "kl_pairs" in needs:
-        pol_kl = tuple(_map(pool, "sequence_logprobs", size, len(pairs), prompt_col,
-                            [p[f"kl_{side}_ids"] for p in pairs]) for side in ("chosen", "rejected"))
-    if "token_stats" in needs:
-        pol_sq = tuple(_map(pool, "sequence_collisions", size, len(pairs), prompt_col, sides[side])
-                       for side in ("chosen", "rejected"))
-    pol_samples = [x[0] for x in _map(pool, "sample", size, len(p_ids), p_ids, **sample_kw)] if p_ids else []
-    _kill(actors)
-    actors, pool = _engine_pool(reference_path, cfg.sampling, trc, s.seed)
-    ref_samples = [x[0] for x in _map(pool, "sample", size, len(p_ids), p_ids, **sample_kw)] if p_ids else []
-    ref_of_pol = _map(pool, "sequence_logprobs", size, len(p_ids), p_ids,
-                      [x[0] for x in pol_samples]) if p_ids else []
-    _kill(actors)
+    policy = engines.client("policy", policy_path)
+    sides = ["chosen_ids", "rejected_ids"]
+    kl_sides = ["kl_chosen_ids", "kl_rejected_ids"] if "kl_pairs" in needs else []
+    scored = through_engines(
+        [{c: p[c] for c in ["prompt_ids", *sides, *kl_sides]} for p in pairs], TokenLogprobs,
+        (policy, sides + kl_sides, sides if "token_stats" in needs else ()), cfg.sampling)
+    pol_c = [r["chosen_ids_logps"] for r in scored]
+    pol_r = [r["rejected_ids_logps"] for r in scored]
+    pol_kl = tuple([r[f"{c}_logps"] for r in scored] for c in kl_sides) if kl_sides else None
+    pol_sq = (tuple([r[f"{c}_collisions"] for r in scored] for c in sides)
+              if "token_stats" in needs else None)
+    pol_samples = through_engines(prompt_rows, Sampler, (policy, sampling), cfg.sampling)
+    reference = engines.client("reference", reference_path)
+    ref_samples = through_engines(prompt_rows, Sampler, (reference, sampling), cfg.reference)
+    ref_of_pol = through_engines([{"prompt_ids": x["prompt_ids"], "response_ids": x["response_ids"]}
+                                  for x in pol_samples], TokenLogprobs,
+                                 (reference, ["response_ids"]), cfg.reference)
 
     logps = eval_pair_logps(pairs, pol_c, pol_r, needs, pol_kl, pol_sq, running_mean)
     metrics, per_pair = eval_pair_metrics(cfg.loss, logps)
@@ -197,12 +180,13 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     pq.write_table(pa.table({"id": [str(p.get("id", i)) for i, p in enumerate(pairs)],
                              **{k: v.tolist() for k, v in per_pair.items()}}),
                    out_dir / "pairs.parquet")
-    if p_ids:
-        kl = np.array([x[1] - sum(r) for x, r in zip(pol_samples, ref_of_pol)])
-        metrics["eval/len_policy"] = float(np.mean([len(x[0]) for x in pol_samples]))
-        metrics["eval/len_reference"] = float(np.mean([len(x[0]) for x in ref_samples]))
-        rows = {"prompt": p_text, "policy_response": [x[2] for x in pol_samples],
-                "reference_response": [x[2] for x in ref_samples], "kl": kl.tolist()}
+    if prompt_rows:
+        kl = np.array([x["policy_logp"] - sum(r["response_ids_logps"])
+                       for x, r in zip(pol_samples, ref_of_pol)])
+        metrics["eval/len_policy"] = float(np.mean([len(x["response_ids"]) for x in pol_samples]))
+        metrics["eval/len_reference"] = float(np.mean([len(x["response_ids"]) for x in ref_samples]))
+        rows = {"prompt": p_text, "policy_response": [x["response"] for x in pol_samples],
+                "reference_response": [x["response"] for x in ref_samples], "kl": kl.tolist()}
         gold = cfg.eval.gold_reward or (cfg.reward.function if cfg.reward else None)
         if gold:
             fn = load_reward_fn(gold)

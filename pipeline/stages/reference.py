@@ -1,4 +1,4 @@
-"""reference: the reference model's log-probs of chosen and rejected, on a vLLM actor pool.
+"""reference: the reference model's log-probs of chosen and rejected, on the run's vLLM engines.
 
 Computed once per (reference weights, tokenizer + chat template, prepared data, length
 settings) and cached under that key; the trainer never holds a reference model.
@@ -7,6 +7,7 @@ settings) and cached under that key; the trainer never holds a reference model.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,14 @@ def pool_map_args(pool: ActorPoolConfig) -> dict[str, Any]:
     return args
 
 
-def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolConfig,
-                      trust_remote_code: bool, out_dir: Path, udf: type | None = None,
+def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, out_dir: Path,
                       kl_pairs: bool = False) -> dict[str, int]:
     """For each split's pairs.parquet write out_dir/<split>/ (parquet) with ref columns
-    (and the mismatched completions' with `kl_pairs`).
-
-    `udf` replaces the engine actor class (default `workers.vllm_pool.PairLogprobs`)."""
+    (and the mismatched completions' with `kl_pairs`), computed by the engines of `client`
+    (a workers.vllm_pool.EngineClient serving the reference weights)."""
     import ray
 
+    from pipeline.engines import map_args
     from workers.vllm_pool import PairLogprobs
 
     # One pool over all splits, so the splits must share one schema: sampled pairs carry win
@@ -62,9 +62,8 @@ def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolCo
         conform, fn_kwargs={"split": name}, batch_format="pyarrow")
         for name, path in splits.items()]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
-    ds = ds.map_batches(udf or PairLogprobs, fn_constructor_args=(reference_path, pool.engine.model_dump(),
-                                                           trust_remote_code, "ref", kl_pairs),
-                        batch_format="pyarrow", **pool_map_args(pool)).materialize()
+    ds = ds.map_batches(PairLogprobs, fn_constructor_args=(client, "ref", kl_pairs),
+                        batch_format="pyarrow", **map_args(pool)).materialize()
     rows = {}
     for name in splits:
         part = ds.filter(lambda r, s=name: r["split"] == s).drop_columns(
@@ -74,10 +73,11 @@ def compute_reference(splits: dict[str, Path], reference_path: str, pool: PoolCo
     return rows
 
 
-def run_reference(splits: dict[str, Path], key: str, cache_root: Path, reference_path: str,
-                  pool: PoolConfig, trust_remote_code: bool, kl_pairs: bool = False
+def run_reference(splits: dict[str, Path], key: str, cache_root: Path,
+                  client: Callable[[], Any], pool: PoolConfig, kl_pairs: bool = False
                   ) -> dict[str, Any]:
-    """Cached reference log-probs: returns {'cache_dir', 'rows', 'cache_hit'}."""
+    """Cached reference log-probs: returns {'cache_dir', 'rows', 'cache_hit'}. `client()`
+    gives the engines' client (called on a cache miss only: a hit starts no engine)."""
     target = cache_root / key
     done = Manifest.read(target)
     if done is not None and done.key == key:
@@ -85,8 +85,7 @@ def run_reference(splits: dict[str, Path], key: str, cache_root: Path, reference
     tmp = cache_root / f"{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    rows = compute_reference(splits, reference_path, pool, trust_remote_code, tmp,
-                             kl_pairs=kl_pairs)
+    rows = compute_reference(splits, client(), pool, tmp, kl_pairs=kl_pairs)
     write_json_atomic(tmp / "manifest.json", Manifest("reference-cache", key, {}, {"rows": rows},
                                                       0.0, 0.0).__dict__)
     shutil.rmtree(target, ignore_errors=True)

@@ -1,7 +1,7 @@
-"""sample: the current policy, loaded into a vLLM actor pool, answers a round's prompts.
+"""sample: the current policy answers a round's prompts on the run's policy engines.
 
-A new engine per round loads the previous round's exported checkpoint from disk (cost: one
-engine start, ~15-30 s on CPU for the toy model); the Ray cluster keeps running.
+The engines live for the whole run (pipeline.engines): before the stage they load the
+previous round's exported checkpoint in place, no engine restart.
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def round_prompts(pool: list[dict[str, Any]], cfg: RunConfig, round_index: int) 
     return [pool[order[(start + i) % len(pool)]] for i in range(n)]
 
 
-def run_sample(prompts: list[dict[str, Any]], policy_path: str, cfg: RunConfig, seed: int,
-               out_dir: Path, udf: type | None = None) -> int:
-    """n samples per prompt into out_dir/samples/ (parquet); `udf` replaces the engine actor
-    class (default `workers.vllm_pool.Sampler`)."""
+def run_sample(prompts: list[dict[str, Any]], client: Any, cfg: RunConfig, seed: int,
+               out_dir: Path) -> int:
+    """n samples per prompt into out_dir/samples/ (parquet), from the engines of `client`
+    (a workers.vllm_pool.EngineClient serving the policy)."""
     import ray
 
-    from pipeline.stages.reference import pool_map_args
+    from pipeline.engines import map_args
     from workers.vllm_pool import Sampler
 
     s = cfg.sampling
@@ -73,8 +73,6 @@ def run_sample(prompts: list[dict[str, Any]], policy_path: str, cfg: RunConfig, 
                 "max_tokens": s.max_tokens, "seed": seed}
     table = pa.Table.from_pylist(prompts)
     ds = ray.data.from_arrow(table).map_batches(
-        udf or Sampler, fn_constructor_args=(policy_path, s.engine.model_dump(), sampling,
-                                      cfg.model.trust_remote_code),
-        batch_format="pyarrow", **pool_map_args(s))
+        Sampler, fn_constructor_args=(client, sampling), batch_format="pyarrow", **map_args(s))
     ds.write_parquet(str(out_dir / "samples"))
     return len(prompts) * s.n

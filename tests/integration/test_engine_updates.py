@@ -10,27 +10,15 @@ cannot see (../shared/STACK-NOTES.md, "Weight updates").
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+
+from tests.integration.hf_logps import changed_copy
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = [[1, 270, 201, 357], [1, 312, 361, 40, 41], [1, 42]]
 RESPONSES = [[43, 44, 45, 46], [47, 48], [49, 50, 51, 52, 53, 54]]
-
-
-def changed_copy(src, dst, seed=0):
-    """`src` with every weight moved by 5% of its spread (safetensors, tokenizer kept)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = load_file(f"{src}/model.safetensors")
-    g = torch.Generator().manual_seed(seed)
-    new = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) for k, v in weights.items()}
-    save_file(new, f"{dst}/model.safetensors", metadata={"format": "pt"})
-    return weights, new
 
 
 def hf_logprobs(model_dir):

@@ -52,6 +52,19 @@ def test_round_writes_every_stage(round_run):
     assert (run_dir / "plots" / "train.png").is_file()
 
 
+def test_engines_start_once_per_pool(round_run):
+    """The run's engines live for the run: one start per engine actor (the reference pool
+    serves the reference stage and the evaluation's reference, the policy pool the trained
+    policy), none restarted, every start and update a `lifecycle` row; the summary counts them."""
+    _cfg, run_dir = round_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in rows if r["kind"] == "lifecycle"]
+    starts = [(e["pool"], e["stage"]) for e in events if e["event"] == "engine_start"]
+    assert sorted(starts) == [("policy-0", "evaluate"), ("reference-0", "reference")]
+    assert not [e for e in events if e["event"] == "engine_start" and e["restarted"]]
+    assert all(e["seconds"] > 0 for e in events)
+
+
 def test_checkpoint_loads_in_hf_and_generates(round_run, toy_world):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

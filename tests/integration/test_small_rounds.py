@@ -66,6 +66,7 @@ def test_reference_over_splits_with_different_columns(prepared_pairs, make_confi
     serves both splits, and each split comes out with its own columns (plus the reference
     ones). Ray Data took the union's schema from whichever block came first, so this failed
     on real data ('Field "chosen_winrate" does not exist') depending on timing."""
+    from pipeline.engines import Engines
     from pipeline.stages.reference import compute_reference
 
     table = pq.read_table(prepared_pairs).slice(0, 8)
@@ -74,8 +75,10 @@ def test_reference_over_splits_with_different_columns(prepared_pairs, make_confi
     train = tmp_path / "sampled.parquet"
     pq.write_table(sampled, train)
     cfg = make_config(tmp_path / "run", reference={"batch_size": 4})
-    rows = compute_reference({"eval": prepared_pairs, "train": train}, cfg.model.reference_path,
-                             cfg.reference, False, tmp_path / "out")
+    with Engines(cfg) as engines:
+        rows = compute_reference({"eval": prepared_pairs, "train": train},
+                                 engines.client("reference", cfg.model.reference_path),
+                                 cfg.reference, tmp_path / "out")
     assert rows == {"eval": pq.read_table(prepared_pairs).num_rows, "train": 8}
     got_train = pq.read_table(tmp_path / "out" / "train")
     got_eval = pq.read_table(tmp_path / "out" / "eval")
