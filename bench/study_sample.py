@@ -18,6 +18,7 @@ import torch
 from bench.study_data import Row
 from bench.study_train import pair_logps
 from pipeline.config import RoundsConfig
+from pipeline.evalstats import sequence_kl, wins
 from pipeline.pairs import build_pairs
 from workers.rewards import toy_gold_rewards, toy_reward_parts
 
@@ -103,8 +104,8 @@ def quality_metrics(samples: Samples) -> dict[str, Any]:
 
 def win_rate(policy_gold: Sequence[float], reference_gold: Sequence[float]) -> float:
     """Share of prompts/sample slots where the policy's sample beats the reference's (ties ½),
-    as the evaluate stage computes it."""
-    return fmean((p > r) + 0.5 * (p == r) for p, r in zip(policy_gold, reference_gold, strict=True))
+    as the evaluate stage computes it (pipeline.evalstats.wins)."""
+    return float(wins(policy_gold, reference_gold).mean())
 
 
 def checkpoint_metrics(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any,
@@ -115,7 +116,7 @@ def checkpoint_metrics(policy: torch.nn.Module, reference: torch.nn.Module, toke
     the reference's samples (`reference_gold`, same prompts and slots), mean length."""
     samples = generate(policy.lm, tokenizer, prompts, s, seed)
     pad = tokenizer.pad_token_id
-    kl = sample_logps(policy, samples, pad) - sample_logps(reference, samples, pad)
+    kl = sequence_kl(sample_logps(policy, samples, pad), sample_logps(reference, samples, pad))
     q = quality_metrics(samples)
     return {**{k: v for k, v in q.items() if not k.startswith("_")},
             "kl": float(kl.mean()), "win_rate": win_rate(q["_gold"], reference_gold)}

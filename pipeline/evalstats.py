@@ -1,4 +1,10 @@
-"""Confidence intervals for evaluation metrics: seeded percentile bootstrap over prompts/pairs.
+"""Evaluation metrics as pure functions, and their confidence intervals.
+
+The per-unit metrics (a win with ties half, each sample's win rate among its prompt's
+samples, the sequence-level KL estimate, a pair's margin and accuracies) are shared by the
+evaluate stage, the pair stage and bench/.
+
+Intervals: a seeded percentile bootstrap over prompts/pairs.
 
 Every metric of the evaluate stage is a mean over held-out prompts (gold reward, win rate,
 KL) or pairs (reward margin, accuracies, loss). Its 95% interval resamples those prompts
@@ -79,6 +85,38 @@ def wins(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
     if x.shape != y.shape:
         raise ValueError(f"wins: samples differ in size ({x.size} vs {y.size})")
     return (x > y) + 0.5 * (x == y)
+
+
+def win_rates(scores: Sequence[float]) -> list[float]:
+    """Each sample's P̂(y_i ≻ the prompt's other samples): wins + ½ ties over the n − 1 others
+    (0.5 for a lone sample)."""
+    n = len(scores)
+    if n < 2:
+        return [0.5] * n
+    x = _array(scores, "win_rates scores")
+    beats = (x[:, None] > x[None, :]) + 0.5 * (x[:, None] == x[None, :])
+    return [float(v) for v in (beats.sum(1) - 0.5) / (n - 1)]  # minus the tie with itself
+
+
+def sequence_kl(policy_logp: Sequence[float], reference_logp: Sequence[float]) -> np.ndarray:
+    """Per sample y ~ π: log π(y) − log π_ref(y) (summed over its tokens); its mean estimates
+    KL(π ‖ π_ref) at the sequence level."""
+    x, y = _array(policy_logp, "sequence_kl policy"), _array(reference_logp, "sequence_kl reference")
+    if x.shape != y.shape:
+        raise ValueError(f"sequence_kl: samples differ in size ({x.size} vs {y.size})")
+    return x - y
+
+
+def pair_outcomes(chosen_reward: Sequence[float], rejected_reward: Sequence[float],
+                  policy_chosen: Sequence[float], policy_rejected: Sequence[float],
+                  ref_chosen: Sequence[float], ref_rejected: Sequence[float]) -> dict[str, np.ndarray]:
+    """Per pair: the implicit reward margin, reward accuracy (chosen reward above rejected),
+    and the ranking of the policy and of the reference alone (chosen log-prob above rejected)."""
+    cr, rr = _array(chosen_reward, "chosen_reward"), _array(rejected_reward, "rejected_reward")
+    pc, pr = _array(policy_chosen, "policy_chosen"), _array(policy_rejected, "policy_rejected")
+    rc, rj = _array(ref_chosen, "ref_chosen"), _array(ref_rejected, "ref_rejected")
+    return {"margin": cr - rr, "reward_accuracy": (cr > rr).astype(float),
+            "ranking": (pc > pr).astype(float), "ref_ranking": (rc > rj).astype(float)}
 
 
 def win_rate_ci(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES,

@@ -16,15 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline.config import RoundsConfig
-
-
-def win_rates(scores: Sequence[float]) -> list[float]:
-    """P̂(y_i ≻ other samples of the prompt): wins + ½ ties over the n − 1 others."""
-    n = len(scores)
-    if n < 2:
-        return [0.5] * n
-    return [sum((s > t) + 0.5 * (s == t) for j, t in enumerate(scores) if j != i) / (n - 1)
-            for i, s in enumerate(scores)]
+from pipeline.evalstats import win_rates
 
 
 def rso_accept(scores: Sequence[float], beta: float, rng: random.Random) -> list[bool]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import LossConfig, PoolConfig, RunConfig, loss_needs, validate_loss
-from pipeline.evalstats import mean_ci, paired_diff_ci, wins
+from pipeline.evalstats import mean_ci, pair_outcomes, paired_diff_ci, sequence_kl, wins
 from workers.rewards import load_reward_fn
 
 
@@ -105,11 +105,11 @@ def eval_pair_metrics(loss_cfg: LossConfig, logps) -> tuple[dict[str, float], di
     loss = compute_loss(loss_cfg.name, logps, **validate_loss(loss_cfg))
     metrics = {f"eval/{k}": v for k, v in loss.metrics.items()}
     metrics["eval/loss"] = float(loss.mean())
-    metrics["eval/ref_ranking_accuracy"] = float((logps.ref_chosen > logps.ref_rejected).double().mean())
-    cr, rr = loss.chosen_rewards.double().numpy(), loss.rejected_rewards.double().numpy()
-    per_pair = {"margin": cr - rr, "reward_accuracy": (cr > rr).astype(float),
-                "ranking": (logps.policy_chosen > logps.policy_rejected).double().numpy(),
-                "ref_ranking": (logps.ref_chosen > logps.ref_rejected).double().numpy()}
+    numpy = lambda t: t.double().numpy()
+    per_pair = pair_outcomes(numpy(loss.chosen_rewards), numpy(loss.rejected_rewards),
+                             numpy(logps.policy_chosen), numpy(logps.policy_rejected),
+                             numpy(logps.ref_chosen), numpy(logps.ref_rejected))
+    metrics["eval/ref_ranking_accuracy"] = float(per_pair["ref_ranking"].mean())
     for key, col in (("eval/rewards/margins", "margin"), ("eval/rewards/accuracies", "reward_accuracy"),
                      ("eval/ranking/accuracy", "ranking")):
         ci = mean_ci(per_pair[col])
@@ -181,8 +181,8 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
                              **{k: v.tolist() for k, v in per_pair.items()}}),
                    out_dir / "pairs.parquet")
     if prompt_rows:
-        kl = np.array([x["policy_logp"] - sum(r["response_ids_logps"])
-                       for x, r in zip(pol_samples, ref_of_pol)])
+        kl = sequence_kl([x["policy_logp"] for x in pol_samples],
+                         [sum(r["response_ids_logps"]) for r in ref_of_pol])
         metrics["eval/len_policy"] = float(np.mean([len(x["response_ids"]) for x in pol_samples]))
         metrics["eval/len_reference"] = float(np.mean([len(x["response_ids"]) for x in ref_samples]))
         rows = {"prompt": p_text, "policy_response": [x["response"] for x in pol_samples],

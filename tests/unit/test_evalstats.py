@@ -122,3 +122,22 @@ def test_eval_plot_draws_the_intervals(tmp_path):
     assert np.allclose(gain[1], [[0.1, 0.1], [0.2, 0.2]])
     kl = next(d for d in drawn if d[0] == [0.1, 0.1])
     assert np.allclose(kl[1], 0.0)  # no interval recorded: no bar
+
+
+def test_shared_metric_functions():
+    """The per-unit metrics evaluate, pairing and bench/ share (pipeline.evalstats)."""
+    import numpy as np
+
+    from pipeline.evalstats import pair_outcomes, sequence_kl, win_rates, wins
+
+    assert win_rates([3.0, 1.0, 2.0, 2.0]) == [1.0, 0.0, 0.5, 0.5]
+    assert win_rates([1.0]) == [0.5] and win_rates([]) == []
+    assert wins([1.0, 2.0, 2.0], [2.0, 1.0, 2.0]).tolist() == [0.0, 1.0, 0.5]
+    assert sequence_kl([-3.0, -1.0], [-4.0, -1.5]).tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="differ in size"):
+        sequence_kl([-3.0], [-4.0, -1.5])
+    out = pair_outcomes([0.2, -0.1], [0.1, 0.3], [-5.0, -9.0], [-6.0, -7.0], [-5.5, -8.0],
+                        [-5.0, -8.5])
+    assert np.allclose(out["margin"], [0.1, -0.4])
+    assert out["reward_accuracy"].tolist() == [1.0, 0.0]
+    assert out["ranking"].tolist() == [1.0, 0.0] and out["ref_ranking"].tolist() == [0.0, 1.0]
