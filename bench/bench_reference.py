@@ -2,9 +2,10 @@
 on the same pairs and model: pairs/s, and the log-prob gap between them.
 
 Our side is the reference stage's own function, `pipeline.stages.reference.compute_reference`
-(Ray Data read -> `workers.vllm_pool.PairLogprobs` actor pool -> parquet), with the UDF
-subclassed only to time, inside the actor, its constructor (engine start) and its calls
-(the engine-only figure; `common.timed_vllm_udfs`).
+(Ray Data read -> `workers.vllm_pool.PairLogprobs` UDFs -> the run's engine actor,
+`pipeline.engines` -> parquet), with the engine subclassed only to time, inside its actor,
+its constructor (engine start) and its calls (the engine-only figure;
+`common.timed_vllm_udfs`).
 The HF loop (`common.hf_response_logps`: right-padded batches, one forward, log_softmax,
 gather) and TRL's `DPOTrainer` precompute (`precompute_ref_log_probs=True`, timed inside its
 constructor) each run in a fresh process. All fp32; the gap is per-sequence summed response
@@ -48,25 +49,31 @@ from common import (
 
 
 def run_pool(model_path: Path, data: Path, pool_batch: int) -> dict[str, Any]:
+    """The reference stage's own function on the run's engines (pipeline.engines): the
+    stage's wall includes starting the engine, as a run's first reference stage does."""
     import pyarrow.parquet as pq
 
-    from pipeline.config import ReferencePoolConfig
+    from pipeline.config import parse_config
+    from pipeline.engines import Engines
     from pipeline.stages.reference import compute_reference
 
-    pool = ReferencePoolConfig(num_actors=1, cpus_per_actor=1, batch_size=pool_batch,
-                               engine=DEMO_ENGINE)
+    cfg = parse_config({"model": {"policy": str(model_path)}, "data": {"train": ["-"]},
+                        "reference": {"num_actors": 1, "cpus_per_actor": 1,
+                                      "batch_size": pool_batch, "engine": DEMO_ENGINE}})
     out = Path(tempfile.mkdtemp(prefix="ref-", dir=CACHE / "reference"))
     try:
         with local_ray(num_cpus=4) as ray_start, timed_vllm_udfs(out / "timings.jsonl") as log:
             t0 = time.perf_counter()
-            compute_reference({"train": data}, str(model_path), pool, False, out)
+            with Engines(cfg) as engines:
+                client = engines.client("reference", str(model_path))
+                compute_reference({"train": data}, client, cfg.reference, out)
             wall = time.perf_counter() - t0
         table = pq.read_table(out / "train").to_pandas().sort_values("id")
-        timings = [t for t in read_timings(log) if t["cls"] == "PairLogprobs"]
+        timings = [t for t in read_timings(log) if t["cls"] == "Engine"]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "ray_start_s": ray_start,
-            "engine_s": sum(t["s"] for t in timings if t["what"] == "__call__"),
+            "engine_s": sum(t["s"] for t in timings if t["what"] == "sequence_logprobs"),
             "init_s": sum(t["s"] for t in timings if t["what"] == "init"),
             "ids": table.id.tolist(), "chosen": table.ref_chosen_logp.tolist(),
             "rejected": table.ref_rejected_logp.tolist()}
@@ -180,8 +187,8 @@ def main() -> None:
     g = gap(pool["chosen"] + pool["rejected"], hf["chosen"] + hf["rejected"])
     emit(line("vLLM pool (reference stage) pairs/s", n / pool["wall_s"]),
          line("vLLM pool stage wall", pool["wall_s"], "s"),
-         line("vLLM engine start (PairLogprobs constructor)", pool["init_s"], "s"),
-         line("vLLM engine-only pairs/s (UDF calls, no engine start)", n / pool["engine_s"]),
+         line("vLLM engine start (Engine actor constructor)", pool["init_s"], "s"),
+         line("vLLM engine-only pairs/s (engine calls, no engine start)", n / pool["engine_s"]),
          line("Ray start (not in the stage wall)", pool["ray_start_s"], "s"),
          line("vLLM - HF |log-prob gap| max / mean", f"{g[0]:.2e} / {g[1]:.2e}", "nats"))
     if trl:

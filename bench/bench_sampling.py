@@ -77,6 +77,7 @@ def run_stage(model_path: Path, prompts: list[list[int]], n: int, max_tokens: in
     import pyarrow.parquet as pq
 
     from pipeline.config import parse_config
+    from pipeline.engines import Engines
     from pipeline.stages.sample import run_sample
 
     cfg = parse_config({
@@ -89,7 +90,8 @@ def run_stage(model_path: Path, prompts: list[list[int]], n: int, max_tokens: in
     try:
         with local_ray(num_cpus=4):
             t0 = time.perf_counter()
-            run_sample(rows, str(model_path), cfg, 0, out)
+            with Engines(cfg) as engines:  # the stage's wall includes the engine start
+                run_sample(rows, engines.client("policy", str(model_path)), cfg, 0, out)
             wall = time.perf_counter() - t0
         tokens = sum(len(r) for r in pq.read_table(out / "samples").column("response_ids").to_pylist())
     finally:
