@@ -340,7 +340,11 @@ def run_stages(r: Round, stages: list[Stage]) -> None:
 def run_pipeline(cfg: RunConfig, verbose: bool = False) -> int:
     """Run every round's stages; `verbose` shows the libraries' and workers' output live
     (else it goes to <run_dir>/logs, see pipeline.console)."""
+    from pipeline.plan import check_plan, local_resources, stage_plans
+
     problems = check_paths(cfg)
+    if cfg.ray.address is None:  # a local cluster: its resources are known before it starts
+        problems += check_plan(stage_plans(cfg), local_resources(cfg))
     if problems:
         raise ConfigError("; ".join(problems))
     cfg = with_absolute_paths(cfg)

@@ -1,10 +1,13 @@
 """Placement plan: which stage asks for which CPUs/GPUs/custom resources, checked against the
 nodes of the cluster.
 
-Stages of a round run one after another, so the cluster must fit the largest stage, not
-the sum of all stages. Every unit of a stage (an engine actor, a Ray Train worker) must
-fit on one node, so the check packs units onto nodes rather than comparing totals; the
-trainers' placement strategy (STRICT_PACK: one node, STRICT_SPREAD: one node each) counts.
+The vLLM engine pools live for the whole run (pipeline.engines), so they are placed
+together first and hold their share of the nodes throughout; the other stages run one
+after another, each in what the engines leave, and each must leave a CPU for Ray Data's
+own tasks (reads, writes, maps), which otherwise wait forever without an error. Every unit
+(an engine actor, a Ray Train worker) must fit on one node, so the check packs units onto
+nodes rather than comparing totals; the trainers' placement strategy (STRICT_PACK: one
+node, STRICT_SPREAD: one node each) counts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class StagePlan:
     gpus_each: float
     custom: dict[str, float] = field(default_factory=dict)
     strategy: str = "-"
+    resident: bool = False  # holds its resources for the whole run (the engine pools)
+    is_ray_data: bool = False  # its units are Ray Data's own tasks (no CPU to leave beside them)
 
     @property
     def cpus(self) -> float:
@@ -69,24 +74,28 @@ class Resources:
         return out
 
 
-def _pool_plan(stage: str, what: str, pool: ActorPoolConfig) -> StagePlan:
+RAY_DATA_CPUS = 1.0  # what a stage must leave free on some node for Ray Data's own tasks
+
+
+def _pool_plan(stage: str, what: str, pool: ActorPoolConfig, resident: bool = False) -> StagePlan:
     return StagePlan(stage, what, pool.num_actors, pool.cpus_per_actor, pool.gpus_per_actor,
-                     dict(pool.resources))
+                     dict(pool.resources), resident=resident)
 
 
 def stage_plans(cfg: RunConfig) -> list[StagePlan]:
     t = cfg.train
     plans = [
-        StagePlan("prepare", "Ray Data read/validate/tokenize tasks", 1, 1, 0),
-        _pool_plan("reference", "vLLM engine actors (prompt log-probs)", cfg.reference),
+        _pool_plan("reference", "vLLM reference engines, for the run (reference, evaluate)",
+                   cfg.reference, resident=True),
+        _pool_plan("policy", "vLLM policy engines, for the run (evaluate"
+                   + (", sample)" if cfg.rounds.mode != "offline" else ")"), cfg.sampling,
+                   resident=True),
+        StagePlan("prepare", "Ray Data read/validate/tokenize tasks", 1, 1, 0, is_ray_data=True),
         StagePlan("train", f"Ray Train workers, DeepSpeed ZeRO-{t.zero_stage}", t.num_workers,
                   t.cpus_per_worker, t.gpus_per_worker, dict(t.resources), t.placement_strategy),
-        _pool_plan("evaluate", "vLLM engine actors (eval samples)", cfg.sampling),
     ]
     if cfg.rounds.mode != "offline":
-        plans.insert(3, _pool_plan("sample", "vLLM engine actors (on-policy samples)",
-                                   cfg.sampling))
-        plans.insert(4, _pool_plan("score", f"reward actors ({cfg.reward.kind})", cfg.reward))
+        plans.insert(3, _pool_plan("score", f"reward actors ({cfg.reward.kind})", cfg.reward))
     return plans
 
 
@@ -137,8 +146,39 @@ def _why_not(p: StagePlan, have: Resources, per_node: list[int]) -> str | None:
     return None
 
 
+def _take(p: StagePlan, free: list[dict[str, float]]) -> bool:
+    """Place p's units on the nodes' `free` resources (taken from them); False if they do not fit."""
+    demand = p.demand()
+    if p.strategy == "STRICT_PACK":
+        nodes = [next((i for i, n in enumerate(free) if units_per_node(demand, n) >= p.units), None)]
+        if nodes[0] is None:
+            return False
+        nodes *= p.units
+    else:
+        nodes, used = [], set()
+        for _ in range(p.units):
+            i = next((i for i, n in enumerate(free) if units_per_node(demand, n) >= 1
+                      and not (p.strategy == "STRICT_SPREAD" and i in used)), None)
+            if i is None:
+                return False
+            nodes.append(i)
+            used.add(i)
+            for k, v in demand.items():
+                free[i][k] = free[i].get(k, 0.0) - v
+        return True
+    for i in nodes:
+        for k, v in demand.items():
+            free[i][k] = free[i].get(k, 0.0) - v
+    return True
+
+
+def _ray_data_room(free: list[dict[str, float]]) -> bool:
+    return any(n.get("CPU", 0.0) >= RAY_DATA_CPUS - 1e-9 for n in free)
+
+
 def check_plan(plans: list[StagePlan], have: Resources) -> list[str]:
-    """Stages that can never be scheduled on `have`, each as a clear sentence."""
+    """Stages that can never be scheduled on `have`, each as a clear sentence: alone on the
+    cluster, and then beside the engines that live for the run."""
     problems = []
     for p in plans:
         per_node = [units_per_node(p.demand(), n) for n in have.nodes]
@@ -149,6 +189,27 @@ def check_plan(plans: list[StagePlan], have: Resources) -> list[str]:
                 f"stage '{p.stage}' needs {p.cpus:g} CPU / {p.gpus:g} GPU{custom} "
                 f"({p.units} × {_fmt(p.demand())}) but {have.source} has {have.cpus:g} CPU / "
                 f"{have.gpus:g} GPU in {len(have.nodes)} node(s): {why}")
+    if problems:
+        return problems
+    resident = [p for p in plans if p.resident]
+    held = " + ".join(f"{p.stage} {p.units} × {_fmt(p.demand())}" for p in resident)
+    free = [dict(n) for n in have.nodes]
+    if not all(_take(p, free) for p in resident) or not _ray_data_room(free):
+        return [(f"the engines that live for the run ({held}) do not fit {have.source}"
+                 f" ({have.cpus:g} CPU / {have.gpus:g} GPU in {len(have.nodes)} node(s)) with"
+                 f" {RAY_DATA_CPUS:g} CPU left for Ray Data's tasks: fewer or smaller engine"
+                 f" actors (reference/sampling num_actors, cpus_per_actor), or more (logical)"
+                 f" CPUs (ray.num_cpus)")]
+    for p in plans:
+        if p.resident:
+            continue
+        trial = [dict(n) for n in free]
+        if not _take(p, trial) or not (p.is_ray_data or _ray_data_room(trial)):
+            problems.append(
+                f"stage '{p.stage}' ({p.units} × {_fmt(p.demand())}) does not fit beside the"
+                f" engines that live for the run ({held}) with {RAY_DATA_CPUS:g} CPU left for"
+                f" Ray Data's tasks (which would wait forever) on {have.source}: lower its"
+                f" CPUs or the engines', or give the cluster more (logical) CPUs (ray.num_cpus)")
     return problems
 
 
@@ -164,7 +225,8 @@ def format_plan(plans: list[StagePlan], have: Resources) -> str:
     custom = have.custom()
     lines.append(f"cluster: {have.cpus:g} CPU, {have.gpus:g} GPU"
                  f"{', ' + _fmt(custom) if custom else ''} in {len(have.nodes)} node(s)"
-                 f" ({have.source}); stages run one at a time, so each must fit alone")
+                 f" ({have.source}); the engines hold theirs for the run, the other stages"
+                 f" run one at a time beside them")
     for i, node in enumerate(have.nodes):
         shown = {k: v for k, v in node.items() if not k.startswith(_HIDDEN_PREFIXES)}
         lines.append(f"  node {i}: {_fmt(shown)}")

@@ -69,9 +69,10 @@ def test_unit_larger_than_any_node_is_refused_even_if_the_total_fits():
 @pytest.mark.parametrize("strategy, ok", [("PACK", True), ("SPREAD", True),
                                           ("STRICT_PACK", False), ("STRICT_SPREAD", True)])
 def test_strategy_counts(strategy, ok):
-    # two workers of 2 CPUs: one per node fits; both on one node does not
+    # two workers of 2 CPUs: one per node fits (a third CPU on one node is left for Ray
+    # Data's tasks); both on one node does not
     cfg = config(train={"cpus_per_worker": 2, "placement_strategy": strategy})
-    problems = check_plan([train_plan(cfg)], two_nodes())
+    problems = check_plan([train_plan(cfg)], two_nodes(head_cpus=3.0))
     assert (problems == []) is ok, problems
     if not ok:
         assert "STRICT_PACK needs one node for all 2; the best fits 1" in problems[0]
@@ -119,3 +120,22 @@ def test_reward_pool_reaches_the_plan_and_the_score_stage():
     assert problem.startswith("stage 'score' needs 6 CPU / 1.5 GPU + gpu_node 3")
     assert pool_map_args(cfg.reward) == {"concurrency": 3, "num_cpus": 2, "num_gpus": 0.5,
                                          "batch_size": 7, "resources": {"gpu_node": 1}}
+
+
+def test_engines_hold_their_share_for_the_run():
+    """The engine pools live for the run: every other stage must fit beside both, with a CPU
+    left for Ray Data's tasks (which otherwise wait forever without an error)."""
+    cfg = config(train={"cpus_per_worker": 0.5}, reference={"cpus_per_actor": 1},
+                 sampling={"cpus_per_actor": 1})
+    one_node = lambda cpus: Resources([{"CPU": cpus}], "this machine")
+    plans = stage_plans(cfg)
+    assert {p.stage for p in plans if p.resident} == {"reference", "policy"}
+    assert check_plan(plans, one_node(4.0)) == []  # 1 + 1 engines, 2 × 0.5 trainers, 1 left
+    [problem] = check_plan(plans, one_node(3.0))  # each stage alone fits; beside the engines not
+    assert problem.startswith("stage 'train' (2 × CPU 0.5) does not fit beside the engines that"
+                              " live for the run (reference 1 × CPU 1 + policy 1 × CPU 1)")
+    [problem] = check_plan(plans, one_node(2.0))
+    assert problem.startswith("the engines that live for the run (reference 1 × CPU 1 + policy"
+                              " 1 × CPU 1) do not fit this machine (2 CPU / 0 GPU in 1 node(s))")
+    # on two nodes the engines and the trainers spread out
+    assert check_plan(plans, two_nodes(head_cpus=2.0, worker_cpus=2.0)) == []
