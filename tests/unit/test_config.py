@@ -32,6 +32,17 @@ def test_shipped_configs_validate(name):
     assert cfg.train.grad_accum_steps >= 1
 
 
+def test_the_8_gpu_config_fits_one_8_gpu_node():
+    """Engines hold their GPUs for the run: the documented node (8 GPUs, 96 CPUs) holds
+    both engine pools and the trainers at once."""
+    from pipeline.plan import Resources, check_plan, stage_plans
+
+    cfg = load_config(ROOT / "configs" / "qwen2.5-7b-8xgpu.yaml")
+    node = Resources([{"CPU": 96.0, "GPU": 8.0}], "an 8-GPU node")
+    assert check_plan(stage_plans(cfg), node) == []
+    assert check_plan(stage_plans(cfg), Resources([{"CPU": 96.0, "GPU": 7.0}], "7 GPUs"))
+
+
 def test_defaults_resolve():
     cfg = parse_config(MINIMAL)
     assert cfg.model.trust_remote_code is False
