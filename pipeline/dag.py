@@ -141,15 +141,21 @@ def _prepare(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reference_inputs(r: Round) -> dict[str, Any]:
+    """Each split's cache key: the reference weights, tokenizer, that split's data (the eval
+    split's is the prepare stage's alone, so an online round reuses it), lengths, dtype."""
     from pipeline.stages.reference import cache_key
 
     data = r.cfg.data
-    data_key = stable_hash([r.done["prepare"].key, r.done[r.train_source()].key])
-    key = cache_key(r.reference_path, r.cfg.model.tokenizer_path, data_key,
-                    {"prompt": data.max_prompt_tokens, "response": data.max_response_tokens,
-                     "truncation": data.truncation}, r.cfg.reference.engine.dtype,
-                    kl_pairs="kl_pairs" in loss_needs(r.cfg.loss))
-    return {"cache_key": key, "kl_pairs": "kl_pairs" in loss_needs(r.cfg.loss)}
+    kl_pairs = "kl_pairs" in loss_needs(r.cfg.loss)
+    sources = {"train": stable_hash([r.done["prepare"].key, r.done[r.train_source()].key]),
+               "eval": stable_hash([r.done["prepare"].key, "eval"])}
+    keys = {split: cache_key(r.reference_path, r.cfg.model.tokenizer_path, source,
+                             {"prompt": data.max_prompt_tokens,
+                              "response": data.max_response_tokens,
+                              "truncation": data.truncation}, r.cfg.reference.engine.dtype,
+                             kl_pairs=kl_pairs)
+            for split, source in sources.items()}
+    return {"cache_keys": keys, "kl_pairs": kl_pairs}
 
 
 def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -160,15 +166,14 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
         splits["train"] = r.stage_path(r.train_source(), "train")
     if r.has("prepare", "eval"):
         splits["eval"] = r.stage_path("prepare", "eval")
-    key = inputs["cache_key"]
     cache_root = Path(r.cfg.reference.cache_dir or r.run_dir / "cache" / "reference")
-    result = run_reference(splits, key, cache_root,
+    result = run_reference(splits, inputs["cache_keys"], cache_root,
                            lambda: r.engines.client("reference", r.reference_path),
                            r.cfg.reference, kl_pairs=inputs["kl_pairs"])
-    console.print(f"  reference log-probs {'from cache' if result['cache_hit'] else 'computed'}:"
-                  f" {result['rows']} → {result['cache_dir']}")
-    outputs = {s: str(Path(result["cache_dir"]) / s) for s in splits}
-    return {**outputs, "cache_hit": result["cache_hit"], "rows": result["rows"]}
+    console.print("  reference log-probs: " + ", ".join(
+        f"{s} {n} {'computed' if s in result['computed'] else 'from cache'}"
+        for s, n in result["rows"].items()) + f" ({cache_root})")
+    return {**result["paths"], "cache_hit": not result["computed"], "rows": result["rows"]}
 
 
 def _train_inputs(r: Round) -> dict[str, Any]:

@@ -73,21 +73,36 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
     return rows
 
 
-def run_reference(splits: dict[str, Path], key: str, cache_root: Path,
+def run_reference(splits: dict[str, Path], keys: dict[str, str], cache_root: Path,
                   client: Callable[[], Any], pool: PoolConfig, kl_pairs: bool = False
                   ) -> dict[str, Any]:
-    """Cached reference log-probs: returns {'cache_dir', 'rows', 'cache_hit'}. `client()`
-    gives the engines' client (called on a cache miss only: a hit starts no engine)."""
-    target = cache_root / key
-    done = Manifest.read(target)
-    if done is not None and done.key == key:
-        return {"cache_dir": str(target), "rows": done.outputs["rows"], "cache_hit": True}
-    tmp = cache_root / f"{key}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rows = compute_reference(splits, client(), pool, tmp, kl_pairs=kl_pairs)
-    write_json_atomic(tmp / "manifest.json", Manifest("reference-cache", key, {}, {"rows": rows},
-                                                      0.0, 0.0).__dict__)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return {"cache_dir": str(target), "rows": rows, "cache_hit": False}
+    """Reference log-probs of each split, cached per split under its key (`keys[split]`):
+    an online round's eval split, the same every round, is computed once. The splits the
+    cache lacks are computed together; `client()` gives the engines' client (called only
+    then: a run whose splits are all cached starts no engine).
+    Returns {'paths': {split: dir}, 'rows': {split: n}, 'computed': [split, ...]}."""
+    paths, rows, missing = {}, {}, {}
+    for name, path in splits.items():
+        target = cache_root / keys[name]
+        done = Manifest.read(target)
+        if done is not None and done.key == keys[name]:
+            paths[name], rows[name] = str(target / name), done.outputs["rows"][name]
+        else:
+            missing[name] = path
+    if missing:
+        tmp = cache_root / f"{stable_hash(sorted(keys[n] for n in missing))}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        computed = compute_reference(missing, client(), pool, tmp, kl_pairs=kl_pairs)
+        for name in missing:
+            key, target = keys[name], cache_root / keys[name]
+            part = tmp / key
+            part.mkdir()
+            (tmp / name).rename(part / name)
+            write_json_atomic(part / "manifest.json", Manifest(
+                "reference-cache", key, {}, {"rows": {name: computed[name]}}, 0.0, 0.0).__dict__)
+            shutil.rmtree(target, ignore_errors=True)
+            part.rename(target)
+            paths[name], rows[name] = str(target / name), computed[name]
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"paths": paths, "rows": rows, "computed": sorted(missing)}

@@ -4,6 +4,7 @@ Ray Train + DeepSpeed ZeRO-3 (2 workers) → HF checkpoint → evaluate with vLL
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -213,17 +214,18 @@ def test_reference_cache_hit_and_miss(round_run, make_config, tmp_path, capsys):
     before = all_actor_ids()
     run_stages(again, OFFLINE_ROUND[1:2])
     assert all_actor_ids() == before, "the reference stage started actors on a cache hit"
-    assert "reference log-probs from cache" in capsys.readouterr().out
+    assert re.search(r"train \d+ from cache, eval \d+ from cache", capsys.readouterr().out)
     second = again.done["reference"]
-    assert second.inputs["cache_key"] == first["inputs"]["cache_key"]
+    assert second.inputs["cache_keys"] == first["inputs"]["cache_keys"]
     assert second.outputs["cache_hit"] is True
     assert {s: second.outputs[s] for s in ("train", "eval")} == \
         {s: first["outputs"][s] for s in ("train", "eval")}
 
     shorter = prepared_round("shorter", data={"max_response_tokens": 48})
-    key = _reference_inputs(shorter)["cache_key"]
-    assert key != first["inputs"]["cache_key"]
-    assert Manifest.read(Path(cfg.reference.cache_dir) / key) is None  # a miss: computed anew
+    keys = _reference_inputs(shorter)["cache_keys"]
+    for split, key in keys.items():
+        assert key != first["inputs"]["cache_keys"][split]
+        assert Manifest.read(Path(cfg.reference.cache_dir) / key) is None  # a miss: computed anew
     # the length settings are part of the key even for the same prepared data
     lengths = {"prompt": 64, "response": 64, "truncation": "keep_end"}
     same = cache_key(cfg.model.reference_path, cfg.model.tokenizer_path, "data", lengths, "float32")
