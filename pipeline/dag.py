@@ -172,7 +172,7 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
                            r.cfg.reference, kl_pairs=inputs["kl_pairs"])
     console.print("  reference log-probs: " + ", ".join(
         f"{s} {n} {'computed' if s in result['computed'] else 'from cache'}"
-        for s, n in result["rows"].items()) + f" ({cache_root})")
+        for s, n in result["rows"].items()) + f" ({cache_root})", soft_wrap=True)
     return {**result["paths"], "cache_hit": not result["computed"], "rows": result["rows"]}
 
 
