@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     import ray
@@ -68,3 +67,20 @@ def prepared_pairs(ray_cluster, make_config, tmp_path_factory):
     run_prepare(cfg.data.train, cfg.model.tokenizer_path, cfg.data, root, False)
     return root / "pairs.parquet"
 
+
+
+@pytest.fixture(scope="session")
+def cli_round(make_config, tmp_path_factory):
+    """One offline round of the quick toy world run by `rayalign run` in its own process (its
+    own local Ray cluster), as a user runs it, with every tracker on: (config, run dir, console
+    output). The console, tracking and round tests read this one run; a test that runs the
+    pipeline again does it on a copy (tests.integration.cli_run.copy_stages)."""
+    from tests.integration.cli_run import free_port, run_cli
+
+    root = tmp_path_factory.mktemp("cli-round")
+    cfg = make_config(root / "run", tracking=["tensorboard", "mlflow", "wandb"],
+                      ray={"num_cpus": 4, "dashboard_port": free_port()})
+    proc = run_cli(root, cfg)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return cfg, root / "run", out
