@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+
+# What DeepSpeed runs when a training worker first needs its CPU ops: the shared-memory
+# collectives (every ZeRO-3 group) and CPU Adam (train.optimizer: cpu_adam).
+BUILD_DEEPSPEED_OPS = """
+from deepspeed.comm.torch import build_shm_op
+from deepspeed.ops.op_builder import CPUAdamBuilder
+build_shm_op()
+CPUAdamBuilder().load()
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_ops_built_early():
+    """On a clean clone DeepSpeed compiles its CPU ops with g++ when a worker first needs
+    them (1-2 min; then cached in TORCH_EXTENSIONS_DIR). Start that build in the background
+    when the session starts, so it overlaps the first tests instead of holding up the first
+    training and the cpu_adam test: a worker that needs an op before it is built waits on the
+    build's lock, as two workers building it would. Its own session, so that an interrupted
+    test run does not kill it mid-build (a stale lock would hold up the next build)."""
+    build = subprocess.Popen([sys.executable, "-c", BUILD_DEEPSPEED_OPS], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    yield
+    build.wait(timeout=600)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
@@ -66,7 +92,6 @@ def prepared_pairs(ray_cluster, make_config, tmp_path_factory):
     cfg = make_config(root / "unused")
     run_prepare(cfg.data.train, cfg.model.tokenizer_path, cfg.data, root, False)
     return root / "pairs.parquet"
-
 
 
 @pytest.fixture(scope="session")
