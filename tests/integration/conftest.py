@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+
+# What DeepSpeed runs when a training worker first needs its CPU ops: the shared-memory
+# collectives (every ZeRO-3 group) and CPU Adam (train.optimizer: cpu_adam).
+BUILD_DEEPSPEED_OPS = """
+from deepspeed.comm.torch import build_shm_op
+from deepspeed.ops.op_builder import CPUAdamBuilder
+build_shm_op()
+CPUAdamBuilder().load()
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_ops_built_early():
+    """On a clean clone DeepSpeed compiles its CPU ops with g++ when a worker first needs
+    them (1-2 min; then cached in TORCH_EXTENSIONS_DIR). Start that build in the background
+    when the session starts, so it overlaps the first tests instead of holding up the first
+    training and the cpu_adam test: a worker that needs an op before it is built waits on the
+    build's lock, as two workers building it would. Its own session, so that an interrupted
+    test run does not kill it mid-build (a stale lock would hold up the next build)."""
+    build = subprocess.Popen([sys.executable, "-c", BUILD_DEEPSPEED_OPS], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    yield
+    build.wait(timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +93,19 @@ def prepared_pairs(ray_cluster, make_config, tmp_path_factory):
     run_prepare(cfg.data.train, cfg.model.tokenizer_path, cfg.data, root, False)
     return root / "pairs.parquet"
 
+
+@pytest.fixture(scope="session")
+def cli_round(make_config, tmp_path_factory):
+    """One offline round of the quick toy world run by `rayalign run` in its own process (its
+    own local Ray cluster), as a user runs it, with every tracker on: (config, run dir, console
+    output). The console, tracking and round tests read this one run; a test that runs the
+    pipeline again does it on a copy (tests.integration.cli_run.copy_stages)."""
+    from tests.integration.cli_run import free_port, run_cli
+
+    root = tmp_path_factory.mktemp("cli-round")
+    cfg = make_config(root / "run", tracking=["tensorboard", "mlflow", "wandb"],
+                      ray={"num_cpus": 4, "dashboard_port": free_port()})
+    proc = run_cli(root, cfg)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return cfg, root / "run", out

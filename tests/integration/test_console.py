@@ -2,20 +2,17 @@
 workers' output goes to <run_dir>/logs, one file per actor or worker), and a worker's error
 still reaches the console with where it came from and the log file holding the rest.
 
-Each test runs the CLI in its own process (its own local Ray cluster), as a user would."""
+Each run is the CLI in its own process (its own local Ray cluster), as a user runs it."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.integration.cli_run import copy_stages, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -29,36 +26,8 @@ FOREIGN = re.compile(
     r"object store|Traceback", re.IGNORECASE | re.MULTILINE)
 
 
-def run_cli(tmp_path, cfg, *args: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    ray_temp = tempfile.mkdtemp(prefix="ra-", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, "RAYALIGN_RAY_TEMP_DIR": ray_temp, "COLUMNS": "120"}
-    try:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), *args],
-                              capture_output=True, text=True, env=env, timeout=1200, check=False)
-    finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def small_config(make_config, run_dir, **sections):
-    return make_config(run_dir, train={"max_steps": 2}, eval={"num_prompts": 8},
-                       ray={"num_cpus": 4, "dashboard_port": free_port()}, **sections)
-
-
-def test_console_shows_our_lines_and_logs_hold_the_rest(make_config, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli(tmp_path, small_config(make_config, run_dir))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+def test_console_shows_our_lines_and_logs_hold_the_rest(cli_round):
+    _cfg, run_dir, out = cli_round  # a whole round, every tracker on; it exited 0
     lines = out.splitlines()
     assert len(lines) <= MAX_LINES, out
     assert not FOREIGN.findall(out), out
@@ -77,16 +46,19 @@ def test_console_shows_our_lines_and_logs_hold_the_rest(make_config, tmp_path):
     assert train_logs.strip() and vllm_logs.strip()  # what the console no longer shows
 
 
-def test_worker_error_reaches_the_console_naming_where(make_config, tmp_path):
-    run_dir = tmp_path / "run"
-    # the evaluate stage's vLLM engines cannot start: an error in an actor's constructor
-    cfg = small_config(make_config, run_dir, sampling={
+def test_worker_error_reaches_the_console_naming_where(cli_round, make_config, tmp_path):
+    """The evaluate stage's vLLM engines cannot start: an error in an actor's constructor.
+    The run starts from a copy of cli_round's finished stages, so prepare, reference and
+    train are up to date and evaluate (its sampling config changed) is the stage that runs."""
+    run_dir = copy_stages(cli_round[1], tmp_path / "run")
+    cfg = make_config(run_dir, ray={"num_cpus": 4, "dashboard_port": free_port()}, sampling={
         "batch_size": 64, "max_tokens": 32,
         "engine": {"dtype": "float32", "max_model_len": 256,
                    "extra": {"no_such_vllm_option": 1}}})
     proc = run_cli(tmp_path, cfg)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
+    assert out.count("up to date, skipped") == 3, out
     assert "Traceback" not in out, out
     error = [line for line in out.splitlines() if line.startswith("error")]
     assert error and "round 0, stage evaluate" in error[0], out

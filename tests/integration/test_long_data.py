@@ -20,6 +20,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+N_PAIRS = 32  # 4 optimizer steps of 8 pairs, each rank's 4 differing in length
+
 
 def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
@@ -27,7 +29,7 @@ def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config,
 
     from pipeline.dag import console, run_pipeline
 
-    train = write_long_chat(tmp_path / "data" / "train.parquet", n_pairs=64, seed=0)
+    train = write_long_chat(tmp_path / "data" / "train.parquet", n_pairs=N_PAIRS, seed=0)
     held_out = write_long_chat(tmp_path / "data" / "eval.parquet", n_pairs=16, seed=1)
     run_dir = tmp_path / "run"
     engine = {"dtype": "float32", "max_model_len": 512}
@@ -53,13 +55,13 @@ def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config,
     prepared = outputs(0, "prepare")
     print(f"prepare: {json.dumps(prepared, default=str)[:600]}")
     pairs = pq.read_table(run_dir / "round-0" / "prepare" / "train" / "pairs.parquet")
-    assert pairs.num_rows == 64
+    assert pairs.num_rows == N_PAIRS
     truncated = pairs.column("truncated").to_pylist()
-    assert sum(t != "none" for t in truncated) > 48  # most pairs run over the limits
+    assert sum(t != "none" for t in truncated) > 0.75 * N_PAIRS  # most pairs run over the limits
     assert max(len(p) for p in pairs.column("prompt_ids").to_pylist()) == 192
     trained = [outputs(k, "train") for k in (0, 1)]
     print(f"train: {[{k: t[k] for k in ('num_pairs', 'optimizer_steps', 'steps_done')} for t in trained]}")
-    assert trained[0]["num_pairs"] == 64 and trained[0]["steps_done"] == 8
+    assert trained[0]["num_pairs"] == N_PAIRS and trained[0]["steps_done"] == N_PAIRS // 8
     assert trained[1]["steps_done"] == trained[1]["optimizer_steps"] >= 1
     for k in (0, 1):
         metrics = outputs(k, "evaluate")["metrics"]

@@ -1,5 +1,7 @@
 """One real offline round on a local Ray cluster: Ray Data prepare → vLLM reference pool →
-Ray Train + DeepSpeed ZeRO-3 (2 workers) → HF checkpoint → evaluate with vLLM samples."""
+Ray Train + DeepSpeed ZeRO-3 (2 workers) → HF checkpoint → evaluate with vLLM samples: the
+session's round run by `rayalign run` (cli_round), which the console and tracking tests read
+too."""
 
 from __future__ import annotations
 
@@ -10,19 +12,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
+from tests.integration.cli_run import copy_stages
 from tests.integration.hf_logps import REF_TOLERANCE, hf_response_logps
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def round_run(ray_cluster, make_config, tmp_path_factory):
-    from pipeline.dag import run_pipeline
-
-    run_dir = tmp_path_factory.mktemp("round") / "run"
-    cfg = make_config(run_dir)
-    assert run_pipeline(cfg) == 0
+def round_run(ray_cluster, cli_round, make_config, tmp_path_factory):
+    """The session's offline round (`rayalign run`, cli_round), copied: these tests run the
+    pipeline, `rayalign eval` and `export` on it again, which must not touch what the
+    console and tracking tests read. (config of the copy, its run dir)"""
+    run_dir = copy_stages(cli_round[1], tmp_path_factory.mktemp("round") / "run")
+    cfg = make_config(run_dir)  # the same stages' config; no trackers, the session's cluster
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return cfg, run_dir
 
 

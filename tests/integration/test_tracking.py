@@ -74,17 +74,13 @@ def test_ray_sink_feeds_every_tracker(ray_cluster, tmp_path):
     assert not leaked
 
 
-def test_run_pipeline_tracks_what_metrics_jsonl_holds(ray_cluster, make_config, tmp_path):
-    """A whole offline round with `tracking: [tensorboard, wandb]`: every finite number of
-    every metrics.jsonl row is in both trackers at its step, and so is the final table."""
-    from pipeline.dag import console, run_pipeline
+def test_run_pipeline_tracks_what_metrics_jsonl_holds(cli_round):
+    """A whole offline round (`rayalign run`) with `tracking: [tensorboard, mlflow, wandb]`:
+    every finite number of every metrics.jsonl row is in every tracker at its step, and so is
+    the final table."""
     from workers.tracking import StepAxis, to_point
 
-    run_dir = tmp_path / "run"
-    cfg = make_config(run_dir, rounds={"count": 1, "mode": "offline"},
-                      tracking=["tensorboard", "mlflow", "wandb"])
-    with console.capture():
-        assert run_pipeline(cfg) == 0
+    _cfg, run_dir, _ = cli_round
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"prepare", "train", "eval"} <= {r["kind"] for r in rows}
     tb_scalars, texts = read_tensorboard(run_dir)

@@ -197,15 +197,27 @@ def test_nan_gradient_with_a_finite_loss_is_skipped_and_counted(pairs_dir, make_
     assert all(bool(t.isfinite().all()) for t in weights.values())
 
 
-def test_packed_shared_prompt_training_matches_padded(pairs_dir, make_config, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(pairs_dir, make_config, tmp_path_factory):
+    """4 steps of the padded layout with torch AdamW, no offload: the run the packed and the
+    offloaded runs must follow (loss curve, final weights)."""
+    from safetensors.torch import load_file
+
+    tmp = tmp_path_factory.mktemp("plain")
+    cfg = config(make_config, tmp, max_steps=4, learning_rate=1e-3)
+    result, rows, out = train(cfg, pairs_dir, tmp, "plain")
+    assert result["steps_done"] == 4
+    return [r["loss"] for r in rows], load_file(out / "model" / "model.safetensors")
+
+
+def test_packed_shared_prompt_training_matches_padded(pairs_dir, plain_run, make_config, tmp_path):
     """The Ray Train workers' packed, shared-prompt step (train.packing, train.share_prompt)
     follows the padded step's loss curve: same pairs, same updates."""
-    curves = {}
-    for name, layout in (("padded", {}), ("shared", {"packing": True, "share_prompt": True})):
-        cfg = config(make_config, tmp_path / name, max_steps=3, learning_rate=1e-3, **layout)
-        result, rows, _ = train(cfg, pairs_dir, tmp_path, name)
-        assert result["steps_done"] == 3
-        curves[name] = [r["loss"] for r in rows]
+    cfg = config(make_config, tmp_path, max_steps=4, learning_rate=1e-3, packing=True,
+                 share_prompt=True)
+    result, rows, _ = train(cfg, pairs_dir, tmp_path, "shared")
+    assert result["steps_done"] == 4
+    curves = {"padded": plain_run[0], "shared": [r["loss"] for r in rows]}
     print(f"loss curves: {curves}")
     for a, b in zip(curves["padded"], curves["shared"], strict=True):
         assert abs(a - b) < 1e-4
@@ -271,21 +283,20 @@ def test_losses_with_policy_side_needs_train_through_zero3(loss, kl_pairs_dir, m
         assert abs(first[2]["loss"] - first[1]["loss"]) < 1e-4
 
 
-def test_cpu_adam_with_offload_matches_adamw(pairs_dir, make_config, toy_world, tmp_path):
+def test_cpu_adam_with_offload_matches_adamw(pairs_dir, plain_run, make_config, toy_world,
+                                            tmp_path):
     """train.optimizer: cpu_adam (DeepSpeed CPU Adam, ZeRO-Offload of the optimizer states)
     with train.offload_params (ZeRO-3 parameter offload) through the real Ray Train × ZeRO-3
     workers takes the same steps as torch AdamW without offload: same loss curve, same
     final weights, and the weights did move."""
     from safetensors.torch import load_file
 
-    curves, weights = {}, {}
-    for name, opts in (("plain", {}), ("offload", {"optimizer": "cpu_adam",
-                                                   "offload_params": True})):
-        cfg = config(make_config, tmp_path / name, max_steps=4, learning_rate=1e-3, **opts)
-        result, rows, out = train(cfg, pairs_dir, tmp_path, name)
-        assert result["steps_done"] == 4
-        curves[name] = [r["loss"] for r in rows]
-        weights[name] = load_file(out / "model" / "model.safetensors")
+    cfg = config(make_config, tmp_path, max_steps=4, learning_rate=1e-3, optimizer="cpu_adam",
+                 offload_params=True)
+    result, rows, out = train(cfg, pairs_dir, tmp_path, "offload")
+    assert result["steps_done"] == 4
+    curves = {"plain": plain_run[0], "offload": [r["loss"] for r in rows]}
+    weights = {"plain": plain_run[1], "offload": load_file(out / "model" / "model.safetensors")}
     print(f"loss curves: {curves}")
     assert len(curves["plain"]) == 4
     for a, b in zip(curves["plain"], curves["offload"], strict=True):
