@@ -66,6 +66,7 @@ class Round:
     policy_digest: str | None = None  # known when the policy is an earlier round's output
     carried: tuple[str, Path] | None = None  # (train key, pairs) an earlier round left untrained
     verbose: bool = False  # libraries' and workers' output on the console (else in logs/)
+    trainer: Any = None  # the run's pipeline.stages.train.TrainerSession (one fit per run)
     done: dict[str, Manifest] = field(default_factory=dict)
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -180,10 +181,9 @@ def _train_inputs(r: Round) -> dict[str, Any]:
 def _train(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.train import run_train
 
-    result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out,
-                       r.run_dir / "ray_train" / f"round-{r.index}", r.env, r.sink,
+    result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out, r.trainer,
                        shuffle=not inputs["curriculum"], round_index=r.index, carry=r.sampled,
-                       run_name=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
+                       key=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
     if result["carried"]:
         result["carry"] = "carry"
     if not result["optimizer_steps"]:
@@ -352,6 +352,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
 
     from pipeline.cluster import connect, worker_env
     from pipeline.metrics import plot_run
+    from pipeline.stages.train import TrainerSession
     from workers.metrics_sink import MetricsSink
     from workers.tracking import table_data
 
@@ -362,20 +363,28 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
         str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)},
         cfg.tracking.model_dump(), cfg.model_dump(mode="json"))
     env = worker_env(cfg, verbose)
+    # one worker group trains every round, started by the first round that trains
+    trainer = TrainerSession(cfg, run_dir / "ray_train", env, sink)
     policy = cfg.model.policy
     rounds: list[Round] = []
-    for k in range(cfg.rounds.count):
-        reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
-        r = Round(cfg, run_dir, k, policy, reference, env, sink, verbose=verbose)
-        if rounds:  # prepare ran once, in round 0
-            r.policy_digest = trained_digest(rounds[-1])
-            r.done["prepare"] = rounds[0].done["prepare"]
-            r.stage_dirs["prepare"] = rounds[0].stage_dirs["prepare"]
-        if rounds and rounds[-1].has("train", "carry"):
-            r.carried = (rounds[-1].done["train"].key, rounds[-1].stage_path("train", "carry"))
-        run_stages(r, SAMPLED_ROUND if r.sampled else OFFLINE_ROUND)
-        rounds.append(r)
-        policy = str(r.stage_path("train", "model_dir"))
+    try:
+        for k in range(cfg.rounds.count):
+            reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
+            r = Round(cfg, run_dir, k, policy, reference, env, sink, verbose=verbose,
+                      trainer=trainer)
+            if rounds:  # prepare ran once, in round 0
+                r.policy_digest = trained_digest(rounds[-1])
+                r.done["prepare"] = rounds[0].done["prepare"]
+                r.stage_dirs["prepare"] = rounds[0].stage_dirs["prepare"]
+            if rounds and rounds[-1].has("train", "carry"):
+                r.carried = (rounds[-1].done["train"].key, rounds[-1].stage_path("train", "carry"))
+            run_stages(r, SAMPLED_ROUND if r.sampled else OFFLINE_ROUND)
+            rounds.append(r)
+            policy = str(r.stage_path("train", "model_dir"))
+    except BaseException:
+        trainer.close(ok=False)
+        raise
+    trainer.close()
     ray.get(sink.set_context.remote())  # flush pending metric rows
     plots = plot_run(run_dir)
     name_actor_logs(log_dir)
