@@ -184,7 +184,7 @@ class TrainerSession:
     def _fit(self, trainer: Any) -> None:
         try:
             self.fit_error = trainer.fit().error
-        except Exception as err:  # Ray Train V2 raises TrainingFailedError from fit()
+        except Exception as err:  # noqa: BLE001 (TrainingFailedError and the like: train() raises it)
             self.fit_error = err
 
     def train(self, job: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:

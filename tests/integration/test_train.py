@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.integration.train_run import read_rows, train
+from tests.integration.train_run import read_rows, train, train_rounds
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +207,9 @@ def test_killed_worker_in_round_two_resumes_that_rounds_checkpoint(pairs_dir, ma
     assert round0 == [(s, 0) for s in range(1, steps + 1)], "round 0 was trained again"
     round1 = [r for r in rows if r["round"] == 1]
     restart = {r["resumed_from"] for r in round1} - {0}
-    assert len(restart) == 1 and (start := restart.pop()) % 2 == 0 and start >= 2
+    assert len(restart) == 1
+    start = restart.pop()
+    assert start % 2 == 0 and start >= 2
     assert start >= killed["checkpoint"]
     order = training_order(pq.read_table(data[1]))
     final = {r["step"]: r for r in round1}
