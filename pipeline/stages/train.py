@@ -233,7 +233,8 @@ class TrainerSession:
             return
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get(self.coordinator.stop.remote(), timeout=60)
-            if not ok and self.thread.is_alive():  # a worker in a round polls no more
+            if not ok and self.thread.is_alive() and ray.get(
+                    self.coordinator.in_flight.remote(), timeout=60):  # it polls no more
                 for handle in ray.get(self.board.live.remote(), timeout=60):
                     with contextlib.suppress(ray.exceptions.RayError):
                         ray.kill(handle, no_restart=False)

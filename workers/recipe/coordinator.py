@@ -44,6 +44,10 @@ class RoundCoordinator:
     def result(self, round_index: int) -> dict[str, Any] | None:
         return self.results.get(round_index)
 
+    def in_flight(self) -> bool:
+        """Is a submitted round still without its result?"""
+        return bool(self.jobs)
+
     def stop(self) -> None:
         self.stopped = True
 
