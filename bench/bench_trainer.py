@@ -2,7 +2,7 @@
 TRL's DPOTrainer, same model, pairs, lengths, micro-batch, gradient accumulation, fp32, AdamW.
 
 Our side is the real stage function `pipeline.stages.train.run_train` (Ray Data read and
-seeded order, TorchTrainer, `workers.trainer.train_loop_per_worker`, ZeRO-3 export) on a
+seeded order, TorchTrainer, `workers.recipe.recipe.train_loop_per_worker`, ZeRO-3 export) on a
 local Ray cluster; TRL's side is `trl.DPOTrainer` in a fresh process, fed the same
 token ids (its own text tokenisation skipped). Reference log-probs are precomputed on both
 sides (ours: a parquet column, as the reference stage writes it; TRL:
@@ -77,7 +77,7 @@ def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespac
 
     from pipeline.cluster import worker_env
     from pipeline.config import parse_config
-    from pipeline.stages.train import run_train
+    from pipeline.stages.train import TrainerSession, run_train
 
     cfg = parse_config({
         "model": {"policy": str(model_path)},
@@ -97,8 +97,11 @@ def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespac
             recorder = ray.remote(StepRecorder).options(num_cpus=0).remote()
             with PeakMemoryWatch("RayTrainWorker") as watch:
                 t0 = time.time()
-                run_train(data, str(model_path), cfg, out, out / "ray_train", worker_env(cfg),
-                          recorder)
+                trainer = TrainerSession(cfg, out / "ray_train", worker_env(cfg), recorder)
+                try:
+                    run_train(data, str(model_path), cfg, out, trainer)
+                finally:
+                    trainer.close()
                 wall = time.time() - t0
             rows = sorted((r for r in ray.get(recorder.get.remote()) if r[1] == "train"),
                           key=lambda r: r[2]["step"])
@@ -157,7 +160,7 @@ def run_trl(model_path: Path, pairs: list[dict[str, Any]], args: argparse.Namesp
 def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None:
     """Where a training step's time goes, without Ray: the same step
     (`workers.train_step.pair_loss` + backward + AdamW) bare, and under a one-process
-    DeepSpeed ZeRO-3 engine built as `workers.trainer` builds it; then the top functions
+    DeepSpeed ZeRO-3 engine built as `workers.recipe` builds it; then the top functions
     of the ZeRO-3 arm by own time (cProfile)."""
     import cProfile
     import os
@@ -168,8 +171,9 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
     import torch.distributed as dist
 
     from workers.logprobs import ResponseLogps
+    from workers.recipe.options import TrainLoopConfig, deepspeed_config
+    from workers.recipe.recipe import _load_policy
     from workers.train_step import pair_loss, rows_to_pairs
-    from workers.trainer import TrainLoopConfig, _load_policy, deepspeed_config
 
     rows = pq.read_table(data).to_pydict()
     mb, accum, steps = args.micro_batch, args.grad_accum, args.steps
@@ -199,13 +203,13 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
                           WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", rank=0, world_size=1)
         cfg = TrainLoopConfig(
-            policy_path=str(model_path), tokenizer_path=str(model_path), loss_name="sigmoid",
+            tokenizer_path=str(model_path), loss_name="sigmoid",
             loss_params={"beta": BETA}, zero_stage=3, micro_batch_size=mb,
-            grad_accum_steps=accum, optimizer_steps=steps, epochs=1, learning_rate=LR,
-            lr_schedule="constant", warmup_steps=0, grad_clip=CLIP, weight_decay=0.0,
+            grad_accum_steps=accum, epochs=1, learning_rate=LR,
+            lr_schedule="constant", grad_clip=CLIP, weight_decay=0.0,
             adam_betas=BETAS, seed=0, bf16=False, gradient_checkpointing=False)
         ds_config = deepspeed_config(cfg)
-        model, _keep = _load_policy(cfg, ds_config)
+        model, _keep = _load_policy(cfg, str(model_path), ds_config)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS)
         engine, *_ = deepspeed.initialize(model=ResponseLogps(model), optimizer=opt,
                                           config=ds_config, dist_init_required=False)

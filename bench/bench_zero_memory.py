@@ -3,7 +3,7 @@ workers (measured), next to the ZeRO paper's model-state formula that projects i
 8 GPUs and to several nodes.
 
 Each configuration is a Ray Train TorchTrainer whose workers build the engine exactly as
-`workers.trainer.train_loop_per_worker` does (`_load_policy` with `HfDeepSpeedConfig` under
+`workers.recipe.recipe.DPORecipe.setup` does (`_load_policy` with `HfDeepSpeedConfig` under
 ZeRO-3, `torch.optim.AdamW`, `deepspeed_config`, `ResponseLogps`), take one optimizer step
 on 8 pairs, then count, after `gc.collect()`, the bytes of every live tensor storage in the
 process (parameters / their ZeRO partitions, gradients and gradient partitions, Adam
@@ -48,13 +48,15 @@ def measure_loop(config: dict[str, Any]) -> None:
     import torch
 
     from workers.logprobs import ResponseLogps
+    from workers.recipe.options import TrainLoopConfig, deepspeed_config
+    from workers.recipe.recipe import _load_policy
     from workers.train_step import pair_loss, rows_to_pairs
-    from workers.trainer import TrainLoopConfig, _load_policy, deepspeed_config
 
     cfg = TrainLoopConfig(**config["loop"])
+    policy_path = config["policy"]
     rank = ray.train.get_context().get_world_rank()
     ds_config = deepspeed_config(cfg)
-    model, _keep = _load_policy(cfg, ds_config)
+    model, _keep = _load_policy(cfg, policy_path, ds_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   betas=tuple(cfg.adam_betas))
     engine, _, _, _ = deepspeed.initialize(model=ResponseLogps(model), optimizer=optimizer,
@@ -92,20 +94,22 @@ def run_config(model_path: Path, rows: dict[str, list[Any]], stage: int, workers
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.trainer import TrainLoopConfig
+    from workers.recipe.options import TrainLoopConfig
 
     loop = TrainLoopConfig(
-        policy_path=str(model_path), tokenizer_path=str(model_path), loss_name="sigmoid",
+        tokenizer_path=str(model_path), loss_name="sigmoid",
         loss_params={"beta": 0.1}, zero_stage=stage, micro_batch_size=len(rows["prompt_ids"]),
-        grad_accum_steps=1, optimizer_steps=1, epochs=1, learning_rate=5e-5,
-        lr_schedule="constant", warmup_steps=0, grad_clip=1.0, weight_decay=0.0,
+        grad_accum_steps=1, epochs=1, learning_rate=5e-5,
+        lr_schedule="constant", grad_clip=1.0, weight_decay=0.0,
         adam_betas=(0.9, 0.95), seed=0, bf16=False, gradient_checkpointing=False)
     d = out / f"zero{stage}-{workers}w"
     d.mkdir(parents=True)
     cfg = loop.to_dict()
-    cfg.pop("metrics_sink")
+    for handle in TrainLoopConfig.HANDLES:
+        cfg.pop(handle)
     trainer = TorchTrainer(
-        measure_loop, train_loop_config={"loop": cfg, "rows": rows, "out": str(d)},
+        measure_loop, train_loop_config={"loop": cfg, "policy": str(model_path), "rows": rows,
+                                              "out": str(d)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                      resources_per_worker={"CPU": 2 / workers}),
         torch_config=TorchConfig(backend="gloo"),

@@ -2,7 +2,7 @@
 
 One optimizer step = `workers.train_step.policy_pair_logps` + `workers.losses.compute_loss`
 (what `pair_loss` does) on a `ResponseLogps`-wrapped HF model, AdamW with the trainer's betas,
-`workers.trainer.lr_lambda` warmup + schedule, gradient clipping as DeepSpeed's
+`workers.recipe.options.lr_lambda` warmup + schedule, gradient clipping as DeepSpeed's
 `gradient_clipping`. Metrics are measured on the forward that precedes each update, so the
 record of step k describes the policy after k updates (step 0: policy == reference, h = 0).
 
@@ -24,8 +24,8 @@ import torch
 
 from bench.study_data import Row, columns
 from workers.losses import PairLogps, compute_loss
+from workers.recipe.options import lr_lambda
 from workers.train_step import policy_pair_logps, rows_to_pairs
-from workers.trainer import lr_lambda
 
 
 @dataclass(frozen=True)

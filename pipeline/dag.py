@@ -67,6 +67,7 @@ class Round:
     policy_digest: str | None = None  # known when the policy is an earlier round's output
     carried: tuple[str, Path] | None = None  # (train key, pairs) an earlier round left untrained
     verbose: bool = False  # libraries' and workers' output on the console (else in logs/)
+    trainer: Any = None  # the run's pipeline.stages.train.TrainerSession (one fit per run)
     done: dict[str, Manifest] = field(default_factory=dict)
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -187,10 +188,9 @@ def _train_inputs(r: Round) -> dict[str, Any]:
 def _train(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.train import run_train
 
-    result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out,
-                       r.run_dir / "ray_train" / f"round-{r.index}", r.env, r.sink,
+    result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out, r.trainer,
                        shuffle=not inputs["curriculum"], round_index=r.index, carry=r.sampled,
-                       run_name=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
+                       key=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
     if result["carried"]:
         result["carry"] = "carry"
     if not result["optimizer_steps"]:
@@ -367,6 +367,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
     from pipeline.cluster import connect, worker_env
     from pipeline.engines import Engines
     from pipeline.metrics import plot_run
+    from pipeline.stages.train import TrainerSession
     from workers.metrics_sink import MetricsSink
     from workers.tracking import table_data
 
@@ -378,8 +379,15 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
         str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)},
         cfg.tracking.model_dump(), cfg.model_dump(mode="json"))
     env = worker_env(cfg, verbose)
-    with Engines(cfg, sink) as engines:  # started at first use, ended with the run
-        rounds = _rounds(cfg, run_dir, env, sink, engines, verbose)
+    # the engines and one trainer worker group live for the run (each started at first use)
+    trainer = TrainerSession(cfg, run_dir / "ray_train", env, sink)
+    with Engines(cfg, sink) as engines:
+        try:
+            rounds = _rounds(cfg, run_dir, env, sink, engines, trainer, verbose)
+        except BaseException:
+            trainer.close(ok=False)
+            raise
+        trainer.close()
     ray.get(sink.set_context.remote())  # flush pending metric rows
     plots = plot_run(run_dir)
     name_actor_logs(log_dir)
@@ -389,12 +397,13 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
 
 
 def _rounds(cfg: RunConfig, run_dir: Path, env: dict[str, str], sink: Any, engines: Any,
-            verbose: bool) -> list[Round]:
+            trainer: Any, verbose: bool) -> list[Round]:
     policy = cfg.model.policy
     rounds: list[Round] = []
     for k in range(cfg.rounds.count):
         reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
-        r = Round(cfg, run_dir, k, policy, reference, env, sink, engines, verbose=verbose)
+        r = Round(cfg, run_dir, k, policy, reference, env, sink, engines, verbose=verbose,
+                  trainer=trainer)
         if rounds:  # prepare ran once, in round 0
             r.policy_digest = trained_digest(rounds[-1])
             r.done["prepare"] = rounds[0].done["prepare"]

@@ -1,9 +1,10 @@
 """Placement plan: which stage asks for which CPUs/GPUs/custom resources, checked against the
 nodes of the cluster.
 
-The vLLM engine pools live for the whole run (pipeline.engines), so they are placed
-together first and hold their share of the nodes throughout; the other stages run one
-after another, each in what the engines leave, and each must leave a CPU for Ray Data's
+The vLLM engine pools (pipeline.engines) and the trainer's worker group
+(pipeline.stages.train) live for the whole run, so they are placed together first and hold
+their share of the nodes throughout; the other stages run one after another, each in what
+those leave, and each must leave a CPU for Ray Data's
 own tasks (reads, writes, maps), which otherwise wait forever without an error. Every unit
 (an engine actor, a Ray Train worker) must fit on one node, so the check packs units onto
 nodes rather than comparing totals; the trainers' placement strategy (STRICT_PACK: one
@@ -33,7 +34,7 @@ class StagePlan:
     gpus_each: float
     custom: dict[str, float] = field(default_factory=dict)
     strategy: str = "-"
-    resident: bool = False  # holds its resources for the whole run (the engine pools)
+    resident: bool = False  # holds its resources for the whole run (engine pools, trainer)
     is_ray_data: bool = False  # its units are Ray Data's own tasks (no CPU to leave beside them)
 
     @property
@@ -91,8 +92,9 @@ def stage_plans(cfg: RunConfig) -> list[StagePlan]:
                    + (", sample)" if cfg.rounds.mode != "offline" else ")"), cfg.sampling,
                    resident=True),
         StagePlan("prepare", "Ray Data read/validate/tokenize tasks", 1, 1, 0, is_ray_data=True),
-        StagePlan("train", f"Ray Train workers, DeepSpeed ZeRO-{t.zero_stage}", t.num_workers,
-                  t.cpus_per_worker, t.gpus_per_worker, dict(t.resources), t.placement_strategy),
+        StagePlan("train", f"Ray Train workers, DeepSpeed ZeRO-{t.zero_stage}, for the run",
+                  t.num_workers, t.cpus_per_worker, t.gpus_per_worker, dict(t.resources),
+                  t.placement_strategy, resident=True),
     ]
     if cfg.rounds.mode != "offline":
         plans.insert(3, _pool_plan("score", f"reward actors ({cfg.reward.kind})", cfg.reward))
@@ -195,10 +197,11 @@ def check_plan(plans: list[StagePlan], have: Resources) -> list[str]:
     held = " + ".join(f"{p.stage} {p.units} × {_fmt(p.demand())}" for p in resident)
     free = [dict(n) for n in have.nodes]
     if not all(_take(p, free) for p in resident) or not _ray_data_room(free):
-        return [(f"the engines that live for the run ({held}) do not fit {have.source}"
+        return [(f"what lives for the run ({held}) does not fit {have.source}"
                  f" ({have.cpus:g} CPU / {have.gpus:g} GPU in {len(have.nodes)} node(s)) with"
                  f" {RAY_DATA_CPUS:g} CPU left for Ray Data's tasks: fewer or smaller engine"
-                 f" actors (reference/sampling num_actors, cpus_per_actor), or more (logical)"
+                 f" actors or trainers (reference/sampling num_actors, cpus_per_actor;"
+                 f" train num_workers, cpus_per_worker), or more (logical)"
                  f" CPUs (ray.num_cpus)")]
     for p in plans:
         if p.resident:
@@ -206,10 +209,11 @@ def check_plan(plans: list[StagePlan], have: Resources) -> list[str]:
         trial = [dict(n) for n in free]
         if not _take(p, trial) or not (p.is_ray_data or _ray_data_room(trial)):
             problems.append(
-                f"stage '{p.stage}' ({p.units} × {_fmt(p.demand())}) does not fit beside the"
-                f" engines that live for the run ({held}) with {RAY_DATA_CPUS:g} CPU left for"
+                f"stage '{p.stage}' ({p.units} × {_fmt(p.demand())}) does not fit beside what"
+                f" lives for the run ({held}) with {RAY_DATA_CPUS:g} CPU left for"
                 f" Ray Data's tasks (which would wait forever) on {have.source}: lower its"
-                f" CPUs or the engines', or give the cluster more (logical) CPUs (ray.num_cpus)")
+                f" CPUs, the engines' or the trainers', or give the cluster more (logical)"
+                f" CPUs (ray.num_cpus)")
     return problems
 
 
@@ -225,7 +229,7 @@ def format_plan(plans: list[StagePlan], have: Resources) -> str:
     custom = have.custom()
     lines.append(f"cluster: {have.cpus:g} CPU, {have.gpus:g} GPU"
                  f"{', ' + _fmt(custom) if custom else ''} in {len(have.nodes)} node(s)"
-                 f" ({have.source}); the engines hold theirs for the run, the other stages"
+                 f" ({have.source}); engines and trainers hold theirs for the run, the other stages"
                  f" run one at a time beside them")
     for i, node in enumerate(have.nodes):
         shown = {k: v for k, v in node.items() if not k.startswith(_HIDDEN_PREFIXES)}

@@ -67,7 +67,7 @@ class Mark:
 
 
 class ProgressBoard:
-    """Ray actor (one per train stage or pool): the latest mark of every worker, stall
+    """Ray actor (one per run's trainer, or per pool): the latest mark of every worker, stall
     reports and permanent errors. Methods are cheap; workers call them fire-and-forget."""
 
     def __init__(self, stage: str, round_index: int, timeout_s: float):
@@ -83,6 +83,14 @@ class ProgressBoard:
         self.handles[who] = handle
         self.starts[who] = self.starts.get(who, 0) + 1
 
+    def set_round(self, round_index: int) -> None:
+        """A long-lived group's next round (the stage's reports name it)."""
+        self.round = round_index
+
+    def live(self) -> list[Any]:
+        """The actor handles of the workers that have not ended."""
+        return list(self.handles.values())
+
     def beat(self, who: str, step: int, phase: str, progressed_at: float) -> None:
         mark = self.marks.setdefault(who, Mark(who))
         mark.step, mark.phase, mark.progressed_at, mark.beat_at = (step, phase, progressed_at,
@@ -94,8 +102,8 @@ class ProgressBoard:
 
     def report_stall(self, who: str, step: int, phase: str, seconds: float, stack: str) -> None:
         self.handles.pop(who, None)  # it ends itself
-        self.stalls.append({"who": who, "step": step, "phase": phase, "seconds": round(seconds, 1),
-                            "stack": stack, "time": time.time()})
+        self.stalls.append({"who": who, "round": self.round, "step": step, "phase": phase,
+                            "seconds": round(seconds, 1), "stack": stack, "time": time.time()})
 
     def report_permanent(self, who: str, step: int, error: str, tb: str) -> None:
         if self.permanent is None:  # the first one is the cause; others follow from it

@@ -1,7 +1,8 @@
-"""train: Ray Train TorchTrainer, N workers × DeepSpeed ZeRO, loss from the registry.
+"""train: one Ray Train TorchTrainer for the run, N workers × DeepSpeed ZeRO, loss from the registry.
 
-Each worker reads its shard of the pairs (with reference log-probs) through
-`ray.train.get_dataset_shard`, and the run ends with a consolidated HF checkpoint.
+The run's `TrainerSession` starts the worker group at the first round that trains; each
+round's train stage orders its pairs (with reference log-probs), hands them to the group as
+a job (workers.recipe) and waits for the round's consolidated HF model in out_dir/model.
 """
 
 from __future__ import annotations
@@ -38,44 +39,6 @@ def optimizer_steps(num_pairs: int, cfg: RunConfig) -> int:
 
 
 ROWS_PER_SORT_BLOCK = 100_000
-
-
-def fit_watched(trainer: Any, board: Any, stall_timeout_s: float) -> tuple[Any, list[dict]]:
-    """trainer.fit() with the driver's side of the watchdog: a thread kills the actors of
-    workers whose beats stopped, and the outcome is read against the board: a permanent
-    error raises its own message once, a stall names where each worker was. Returns the
-    result and the stalls a restarted group survived."""
-    import threading
-
-    import ray
-    from ray.train import TrainingFailedError
-
-    from workers.watchdog import PermanentError, TrainingStalled, stall_message, watch_board
-
-    done = threading.Event()
-    watcher = threading.Thread(target=watch_board, args=(board, done, max(1.0, stall_timeout_s / 5)),
-                               name="train-watch", daemon=True)
-    watcher.start()
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as err:  # Ray Train V2 raises it from fit()
-        result, error = None, err
-    else:
-        error = result.error
-    finally:
-        done.set()
-    summary = ray.get(board.summary.remote(), timeout=60)
-    ray.kill(board)
-    permanent = summary["permanent"]
-    if permanent is not None:
-        raise PermanentError(f"train stage, round {summary['round']}: {permanent['who']} at"
-                             f" step {permanent['step']}: {permanent['error']}\n"
-                             f"{permanent['traceback']}", summary["starts"]) from None
-    if error is not None:
-        if summary["stalls"]:
-            raise TrainingStalled(stall_message(summary)) from error
-        raise error
-    return result, summary["stalls"]
 
 
 class NonFiniteStop(RuntimeError):
@@ -119,55 +82,188 @@ DRIVER_ONLY = frozenset({"num_workers", "cpus_per_worker", "gpus_per_worker",
                          "max_steps", "warmup_ratio", "precision"})
 
 
-def loop_config(cfg: RunConfig, policy_path: str, steps: int, env: dict[str, str],
-                metrics_sink: Any = None, board: Any = None) -> Any:
+def loop_config(cfg: RunConfig, env: dict[str, str], metrics_sink: Any = None, board: Any = None,
+                coordinator: Any = None) -> Any:
     """The workers' TrainLoopConfig: every TrainConfig field of the same name is copied
     (one place, no hand-kept list), plus what is derived from the run."""
     from dataclasses import fields
 
     from workers.logprobs import head_calls
-    from workers.trainer import TrainLoopConfig
+    from workers.recipe.options import TrainLoopConfig
 
     t = cfg.train
     use_gpu = t.gpus_per_worker > 0
     same = {f.name: getattr(t, f.name) for f in fields(TrainLoopConfig) if hasattr(t, f.name)}
     return TrainLoopConfig(
-        **same, policy_path=policy_path, tokenizer_path=cfg.model.tokenizer_path,
-        loss_name=cfg.loss.name, loss_params=validate_loss(cfg.loss), optimizer_steps=steps,
-        warmup_steps=round(t.warmup_ratio * steps),
+        **same, tokenizer_path=cfg.model.tokenizer_path,
+        loss_name=cfg.loss.name, loss_params=validate_loss(cfg.loss),
         bf16=(t.precision == "bf16") or (t.precision == "auto" and use_gpu),
         head_calls=head_calls(max(cfg.data.max_response_tokens, cfg.sampling.max_tokens),
                               t.micro_batch_size, t.logprob_chunk_size),
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle_weights=cfg.model.allow_pickle_weights, metrics_sink=metrics_sink,
-        progress_board=board, extra_env=env)
+        progress_board=board, coordinator=coordinator, extra_env=env)
+
+
+def round_job(cfg: RunConfig, round_index: int, key: str, policy_path: str, steps: int,
+              out_dir: Path, dataset: Any) -> Any:
+    """One round's job for the workers (what changes from round to round)."""
+    from workers.recipe.options import RoundJob
+
+    return RoundJob(round_index=round_index, key=key, policy_path=str(policy_path),
+                    optimizer_steps=steps, warmup_steps=round(cfg.train.warmup_ratio * steps),
+                    out_dir=str(Path(out_dir).resolve()), dataset=dataset)
+
+
+class TrainerSession:
+    """The run's one Ray Train fit: a worker group that loads the model and builds DeepSpeed
+    once and trains every round handed to it (workers.recipe).
+
+    The fit runs in a driver thread started by the first `train` call; `close` ends it (the
+    workers stop at their next poll for work) and removes its resumable state. A driver that
+    dies leaves that state under storage_dir/name: the next run's fit of the same name
+    restores Ray Train's latest checkpoint, which the workers resume when its round and key
+    are those of the first round they are given.
+
+    The watchdog is the driver's side of workers.watchdog for the whole fit: a thread kills
+    the actors of workers whose beats stopped; a round's outcome is read against the board
+    (a permanent error raises its own message once, a stall names where each worker was)."""
+
+    NAME = "trainer"
+
+    def __init__(self, cfg: RunConfig, storage_dir: Path, env: dict[str, str], sink: Any = None):
+        self.cfg, self.storage_dir, self.env, self.sink = cfg, Path(storage_dir), env, sink
+        self.thread: Any = None
+        self.fit_error: BaseException | None = None
+
+    def _start(self) -> None:
+        import threading
+
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import RunConfig as RayRunConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from workers.recipe.coordinator import RoundCoordinator
+        from workers.recipe.recipe import train_loop_per_worker
+        from workers.watchdog import ProgressBoard, watch_board
+
+        t = self.cfg.train
+        use_gpu = t.gpus_per_worker > 0
+        self.board = ray.remote(ProgressBoard).options(num_cpus=0).remote(
+            "train", 0, t.stall_timeout_s)
+        self.coordinator = ray.remote(RoundCoordinator).options(num_cpus=0).remote(self.sink)
+        loop = loop_config(self.cfg, self.env, self.sink, self.board, self.coordinator)
+        resources = {"CPU": t.cpus_per_worker, **t.resources}
+        if use_gpu:
+            resources["GPU"] = t.gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop.to_dict(),
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources,
+                                         placement_strategy=t.placement_strategy),
+            # the process-group timeout backs the watchdog up (it fires a little later, so the
+            # watchdog's report, with the stuck rank's stack, comes first)
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                     timeout_s=int(t.stall_timeout_s * 1.5) + 30),
+            run_config=RayRunConfig(
+                name=self.NAME, storage_path=str(self.storage_dir.resolve()),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        self.done = threading.Event()
+        self.watcher = threading.Thread(target=watch_board, name="train-watch", daemon=True,
+                                        args=(self.board, self.done,
+                                              max(1.0, t.stall_timeout_s / 5)))
+        self.watcher.start()
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), name="train-fit",
+                                       daemon=True)
+        self.thread.start()
+
+    def _fit(self, trainer: Any) -> None:
+        try:
+            self.fit_error = trainer.fit().error
+        except Exception as err:  # noqa: BLE001 (TrainingFailedError and the like: train() raises it)
+            self.fit_error = err
+
+    def train(self, job: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Hand the workers one round and wait for its result: (result, stalls survived)."""
+        import ray
+
+        if self.thread is None:
+            self._start()
+        ray.get(self.board.set_round.remote(job.round_index), timeout=60)
+        ray.get(self.coordinator.submit.remote(job.to_dict()), timeout=60)
+        while (result := ray.get(self.coordinator.result.remote(job.round_index),
+                                 timeout=60)) is None:
+            if not self.thread.is_alive():
+                self._raise_ended(job.round_index)
+            self.thread.join(0.2)
+        summary = ray.get(self.board.summary.remote(), timeout=60)
+        return result, [s for s in summary["stalls"] if s["round"] == job.round_index]
+
+    def _raise_ended(self, round_index: int) -> None:
+        """The fit ended before the round's result came: say why, as precisely as the board can."""
+        import ray
+
+        from workers.watchdog import PermanentError, TrainingStalled, stall_message
+
+        summary = ray.get(self.board.summary.remote(), timeout=60)
+        permanent = summary["permanent"]
+        if permanent is not None:
+            raise PermanentError(f"train stage, round {summary['round']}: {permanent['who']} at"
+                                 f" step {permanent['step']}: {permanent['error']}\n"
+                                 f"{permanent['traceback']}", summary["starts"]) from None
+        if self.fit_error is not None and summary["stalls"]:
+            raise TrainingStalled(stall_message(summary)) from self.fit_error
+        if self.fit_error is not None:
+            raise self.fit_error
+        raise RuntimeError(f"train stage, round {round_index}: the trainer ended without"
+                           " finishing the round")
+
+    def close(self, ok: bool = True, timeout_s: float = 120.0) -> None:
+        """End the fit: the workers stop at their next poll. Not `ok` (the run failed): a
+        round in flight is abandoned (its workers are ended) and the resumable state kept."""
+        import contextlib
+
+        import ray
+
+        if self.thread is None:
+            return
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(self.coordinator.stop.remote(), timeout=60)
+            if not ok and self.thread.is_alive() and ray.get(
+                    self.coordinator.in_flight.remote(), timeout=60):  # it polls no more
+                for handle in ray.get(self.board.live.remote(), timeout=60):
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.kill(handle, no_restart=False)
+        self.thread.join(timeout_s)
+        self.done.set()
+        for actor in (self.board, self.coordinator):
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(actor)
+        if ok and self.fit_error is None:  # resumable state, no longer needed
+            shutil.rmtree(self.storage_dir / self.NAME, ignore_errors=True)
+        self.thread = None
 
 
 def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
-              storage_dir: Path, env: dict[str, str], metrics_sink: Any = None,
-              shuffle: bool = True, run_name: str = "train",
-              round_index: int = 0, carry: bool = False) -> dict[str, Any]:
-    """Train on `data_dir` (parquet with ref columns); write the HF model to out_dir/model.
+              trainer: TrainerSession, shuffle: bool = True, round_index: int = 0,
+              carry: bool = False, key: str = "train") -> dict[str, Any]:
+    """Train on `data_dir` (parquet with ref columns) on the run's trainer; the workers write
+    the HF model to out_dir/model.
 
     shuffle=False keeps a curriculum instead: pairs in decreasing reward gap (Curry-DPO).
     carry=True (sampled rounds): the pairs this round does not train on (all of them when
     they are fewer than one global batch, else the tail past the last full batch) go to
     out_dir/carry for the next round, instead of failing the round or being dropped.
-    `run_name` names Ray Train's run under storage_dir: a run started again under the same
-    name (a crashed driver, resumed) continues from its last checkpoint, so the name must
-    change whenever the inputs do.
+    `key` names the round's inputs: a checkpoint the trainer finds (a crashed driver,
+    resumed) is resumed only by a round of the same index and key.
 
     A worker that makes no progress for train.stall_timeout_s ends with an error naming
     where (workers.watchdog), and Ray Train's max_failures applies; an error a retry would
     repeat (a loss missing an input, bad data) fails the stage once with its message."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.trainer import EXPORT_MARKER, train_loop_per_worker
-    from workers.watchdog import ProgressBoard
-
     t = cfg.train
     ds = ordered_pairs(data_dir, t.seed, shuffle) if any(data_dir.glob("*.parquet")) else None
     num_pairs = ds.count() if ds is not None else 0
@@ -177,48 +273,18 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
                 "optimizer_steps": 0, "steps_done": 0, "trained_pairs": 0, "carried": carried,
                 "nonfinite_skipped": 0, "stalls_survived": [], "final_metrics": {}}
     steps = optimizer_steps(num_pairs, cfg)
-    if metrics_sink is not None:  # for the dashboard: stage progress and h = margin / β
-        metrics_sink.plan.remote("train", steps, validate_loss(cfg.loss).get("beta"))
-    use_gpu = t.gpus_per_worker > 0
-    loop = loop_config(cfg, policy_path, steps, env, metrics_sink,
-                       ray.remote(ProgressBoard).options(num_cpus=0).remote(
-                           "train", round_index, t.stall_timeout_s))
-    resources = {"CPU": t.cpus_per_worker, **t.resources}
-    if use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop.to_dict(),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=t.placement_strategy),
-        # the process-group timeout backs the watchdog up (it fires a little later, so the
-        # watchdog's report, with the stuck rank's stack, comes first)
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
-                                 timeout_s=int(t.stall_timeout_s * 1.5) + 30),
-        datasets={"train": ds},
-        dataset_config=DataConfig(datasets_to_split=[]),  # see workers.trainer.global_micro_batches
-        run_config=RayRunConfig(
-            name=run_name, storage_path=str(storage_dir.resolve()),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result, stalls = fit_watched(trainer, loop.progress_board, t.stall_timeout_s)
-    stopped = (result.metrics or {}).get("stopped")
+    if trainer.sink is not None:  # for the dashboard: stage progress and h = margin / β
+        trainer.sink.plan.remote("train", steps, validate_loss(cfg.loss).get("beta"))
+    final, stalls = trainer.train(round_job(cfg, round_index, key, policy_path, steps, out_dir, ds))
+    stopped = final.get("stopped")
     if stopped:
-        report = storage_dir / f"{run_name}-nonfinite.json"
-        report.write_text(json.dumps(result.metrics, indent=2, default=str))
+        trainer.storage_dir.mkdir(parents=True, exist_ok=True)
+        report = trainer.storage_dir / f"{key}-round-{round_index}-nonfinite.json"
+        report.write_text(json.dumps(final, indent=2, default=str))
         raise NonFiniteStop(f"training stopped: {stopped}; the offending batches' pair ids"
                             f" are in {report}")
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    model_dir = out_dir / "model"
-    result.checkpoint.to_directory(str(model_dir))
-    for leftover in ("checkpoint_", ".metadata", EXPORT_MARKER):  # bookkeeping, not the model
-        for p in model_dir.glob(leftover + "*"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    shutil.rmtree(storage_dir / run_name, ignore_errors=True)  # resumable state, no longer needed
-    final = result.metrics or {}
+    if not (out_dir / "model").is_dir():
+        raise RuntimeError(f"training finished without writing the model to {out_dir / 'model'}")
     trained = min(steps, num_pairs // t.global_batch_size) * t.global_batch_size
     carried = carry_over(ds, trained, round_index, out_dir / "carry") if carry else 0
     return {"model_dir": "model", "num_pairs": num_pairs, "optimizer_steps": steps,

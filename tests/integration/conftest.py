@@ -44,7 +44,7 @@ def ray_cluster(tmp_path_factory):
             env[k] = os.environ[k]
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env},
+    ray.init(num_cpus=6, include_dashboard=False, runtime_env={"env_vars": env},
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
     yield
     ray.shutdown()
@@ -71,7 +71,7 @@ def make_config(toy_world):
                          "engine": {"dtype": "float32", "max_model_len": 256}},
             "reward": {"kind": "function", "function": "workers.rewards:toy_gold_rewards"},
             "eval": {"num_prompts": 16},
-            "ray": {"num_cpus": 4},
+            "ray": {"num_cpus": 6},
         }
         for section, values in sections.items():
             if isinstance(values, dict) and isinstance(raw.get(section), dict):
@@ -104,7 +104,7 @@ def cli_round(make_config, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli-round")
     cfg = make_config(root / "run", tracking=["tensorboard", "mlflow", "wandb"],
-                      ray={"num_cpus": 4, "dashboard_port": free_port()})
+                      ray={"num_cpus": 6, "dashboard_port": free_port()})
     proc = run_cli(root, cfg)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

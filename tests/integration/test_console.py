@@ -51,7 +51,7 @@ def test_worker_error_reaches_the_console_naming_where(cli_round, make_config, t
     The run starts from a copy of cli_round's finished stages, so prepare, reference and
     train are up to date and evaluate (its sampling config changed) is the stage that runs."""
     run_dir = copy_stages(cli_round[1], tmp_path / "run")
-    cfg = make_config(run_dir, ray={"num_cpus": 4, "dashboard_port": free_port()}, sampling={
+    cfg = make_config(run_dir, ray={"num_cpus": 6, "dashboard_port": free_port()}, sampling={
         "batch_size": 64, "max_tokens": 32,
         "engine": {"dtype": "float32", "max_model_len": 256,
                    "extra": {"no_such_vllm_option": 1}}})

@@ -159,7 +159,7 @@ def test_zero3_two_workers_match_one(round_run, make_config, tmp_path):
     import ray
 
     from pipeline.cluster import worker_env
-    from pipeline.stages.train import run_train
+    from pipeline.stages.train import TrainerSession, run_train
     from workers.metrics_sink import MetricsSink
 
     _cfg, run_dir = round_run
@@ -177,11 +177,15 @@ def test_zero3_two_workers_match_one(round_run, make_config, tmp_path):
         sink = ray.remote(MetricsSink).options(num_cpus=0).remote(str(path), {})
         out = tmp_path / f"out-{workers}"
         out.mkdir()
-        result = run_train(subset, c.model.policy, c, out, tmp_path / f"storage-{workers}",
-                           worker_env(c), sink)
+        trainer = TrainerSession(c, tmp_path / f"storage-{workers}", worker_env(c), sink)
+        try:
+            result = run_train(subset, c.model.policy, c, out, trainer)
+        finally:
+            trainer.close()
         ray.get(sink.set_context.remote())
         assert result["optimizer_steps"] == 3
-        curves[workers] = [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+        curves[workers] = [row["loss"] for row in map(json.loads, path.read_text().splitlines())
+                           if row["kind"] == "train"]
     print(f"loss curves: 1 worker {curves[1]}, 2 workers {curves[2]}")
     assert len(curves[1]) == len(curves[2]) == 3
     assert curves[1][-1] < curves[1][0], "loss should fall at lr 1e-3 on a fixed batch"

@@ -43,7 +43,7 @@ def two_rounds(ray_cluster, make_config, tmp_path_factory):
         driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config),
                                    "--ray-address", address], stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
-        killed = wait_then_kill(driver, run_dir / "ray_train" / "round-1", timeout=1200)
+        killed = wait_then_kill(driver, run_dir / "ray_train", timeout=1200)
     assert killed, (f"the driver ended before round 1 saved a training checkpoint: see"
                     f" {run_dir.parent / 'driver.log'}")
     at_kill = {(k, s): manifest(run_dir, k, s) for k in (0, 1) for s in STAGES[k]
@@ -61,11 +61,11 @@ PROMPTS, N = 32, 4  # round 1: prompts sampled, samples per prompt
 
 
 def wait_then_kill(driver: subprocess.Popen, storage: Path, timeout: float) -> bool:
-    """SIGKILL the driver's process group once Ray Train has registered a checkpoint of a
-    run under `storage` (its controller writes the snapshot then)."""
+    """SIGKILL the driver's process group once Ray Train has registered a round-1 checkpoint
+    of the run's trainer under `storage` (its controller writes the snapshot then)."""
     deadline = time.time() + timeout
     while time.time() < deadline and driver.poll() is None:
-        if any("checkpoint-step-" in p.read_text()
+        if any("checkpoint-round-1-step-" in p.read_text()
                for p in storage.glob("*/checkpoint_manager_snapshot.json")):
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
@@ -148,7 +148,9 @@ def test_killed_driver_resumes_from_the_last_finished_stage(two_rounds):
     assert after == list(range(start + 1, steps + 1))
     leftovers = [p for p in run_dir.rglob("*") if p.name.endswith(".tmp") or ".old-" in p.name]
     assert not leftovers, leftovers
-    assert not list((run_dir / "ray_train").glob("*/train-*")), "resumable train state left behind"
+    assert not (run_dir / "ray_train" / "trainer").exists(), "resumable train state left behind"
+    starts = [r for r in rows if r["kind"] == "lifecycle" and r["event"] == "trainer_start"]
+    assert [r["attempt"] for r in starts] == [1, 1]  # the killed driver's group, the resumed one
 
 
 def test_reference_previous_is_the_last_rounds_policy(two_rounds, toy_world):

@@ -22,7 +22,7 @@ def scored_samples(prompt_ids, n=2, score=0.5):
 def test_a_round_with_too_few_pairs_carries_them_to_the_next(prepared_pairs, make_config,
                                                               tmp_path):
     from pipeline.stages.pair import run_pair
-    from pipeline.stages.train import run_train
+    from pipeline.stages.train import TrainerSession, run_train
 
     cfg = make_config(tmp_path / "run", rounds={"count": 3, "mode": "online"},
                       train={"num_workers": 2, "micro_batch_size": 2, "global_batch_size": 16})
@@ -35,8 +35,9 @@ def test_a_round_with_too_few_pairs_carries_them_to_the_next(prepared_pairs, mak
     pq.write_table(few, data / "part-0.parquet")
     out = tmp_path / "train-out"
     out.mkdir()
-    result = run_train(data, cfg.model.policy, cfg, out, tmp_path / "storage", {},
-                       round_index=1, carry=True)
+    trainer = TrainerSession(cfg, tmp_path / "storage", {})
+    result = run_train(data, cfg.model.policy, cfg, out, trainer, round_index=1, carry=True)
+    assert trainer.thread is None, "a round that trains nothing started the trainer"
     assert result["optimizer_steps"] == result["trained_pairs"] == 0
     assert result["carried"] == 6 and result["model_dir"] == str(toy_policy(cfg))
     carried = pq.read_table(out / "carry")

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.integration.train_run import train
+from tests.integration.train_run import read_rows, train, train_rounds
 
 pytestmark = pytest.mark.integration
 
@@ -63,18 +63,21 @@ def alive_actor_pids(class_name: str) -> list[int]:
             if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a["Pid"]]
 
 
-def kill_a_train_worker_past_a_checkpoint(run_storage, metrics, every, killed, timeout=300.0):
+def kill_a_train_worker_past_a_checkpoint(run_storage, metrics, every, killed, timeout=300.0,
+                                          round_index=0):
     """SIGKILL one training worker once Ray Train's controller has registered a checkpoint
-    (it writes its snapshot then) and the workers have logged a step past it that is not a
-    checkpoint step (`every`): whichever checkpoint the group restarts from, registered now
-    or still in flight, is then before the last logged step, so some steps are redone."""
+    of round `round_index` (it writes its snapshot then) and the workers have logged a step
+    of that round past it that is not a checkpoint step (`every`): whichever checkpoint the
+    group restarts from, registered now or still in flight, is then before the last logged
+    step, so some steps are redone."""
     snapshot = run_storage / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        saved = [int(s) for s in re.findall(r"checkpoint-step-(\d+)", snapshot.read_text())] \
+        saved = [int(s) for s in re.findall(rf"checkpoint-round-{round_index}-step-(\d+)",
+                                            snapshot.read_text())] \
             if snapshot.exists() else []
-        logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] \
-            if saved and metrics.exists() else []
+        logged = [r["step"] for r in read_rows(metrics)
+                  if r.get("round") == round_index] if saved else []
         if saved and logged and max(logged) > max(saved) and max(logged) % every:
             pids = alive_actor_pids("RayTrainWorker")
             if pids:
@@ -88,12 +91,13 @@ def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path)
     """SIGKILL one of two ZeRO-3 workers mid-epoch: Ray Train restarts the group from the
     last DeepSpeed checkpoint, every step is taken once in the promised data order, and the
     redone steps reproduce the lost attempt's losses (the state was restored exactly)."""
-    from workers.trainer import batch_digest
+    from pipeline.stages.train import TrainerSession
+    from workers.recipe.recipe import batch_digest
 
     cfg = config(make_config, tmp_path, epochs=2, checkpoint_every=4, max_failures=2)
     killed: dict = {}
     killer = threading.Thread(target=kill_a_train_worker_past_a_checkpoint,
-                              args=(tmp_path / "run-storage" / "train",
+                              args=(tmp_path / "run-storage" / TrainerSession.NAME,
                                     tmp_path / "run-metrics.jsonl", 4, killed), daemon=True)
     killer.start()
     result, rows, out = train(cfg, pairs_dir, tmp_path)
@@ -125,7 +129,99 @@ def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path)
         assert [r["resumed_from"] for r in rows if r["step"] == s] == [0, restart_step], s
         assert math.isclose(first_attempt[s]["loss"], final[s]["loss"], abs_tol=1e-5), s
     assert (out / "model" / "model.safetensors").is_file()
-    assert not (tmp_path / "run-storage" / "train").exists(), "resumable state left behind"
+    assert not (tmp_path / "run-storage" / TrainerSession.NAME).exists(), \
+        "resumable state left behind"
+
+
+def halves(pairs_dir, tmp_path):
+    """The pairs split in two data sets (one a round)."""
+    table = pq.read_table(pairs_dir)
+    out = []
+    for k in range(2):
+        d = tmp_path / f"half-{k}"
+        d.mkdir()
+        pq.write_table(table.slice(k * table.num_rows // 2, table.num_rows // 2), d / "p.parquet")
+        out.append(d)
+    return out
+
+
+def test_two_rounds_on_one_fit_match_a_fit_per_round(pairs_dir, make_config, tmp_path):
+    """Two rounds on the run's one trainer (the worker group starts once: one trainer_start
+    row) take the same steps as a fresh fit per round from the previous round's export: a
+    fresh optimizer and LR schedule (warmup, cosine) each round, the same data order, the
+    same losses and the same final weights."""
+    from safetensors.torch import load_file
+
+    data = halves(pairs_dir, tmp_path)
+    cfg = config(make_config, tmp_path, max_steps=3, learning_rate=1e-3, lr_schedule="cosine",
+                 warmup_ratio=0.34)
+    results, path, outs = train_rounds(cfg, data, tmp_path, "one-fit")
+    assert [r["steps_done"] for r in results] == [3, 3]
+    starts = read_rows(path, "lifecycle")
+    print(f"trainer starts: {starts}")
+    assert [(r["event"], r["workers"], r["attempt"]) for r in starts] == [("trainer_start", 2, 1)]
+    assert starts[0]["seconds"] > 0
+    one_fit = [(r["round"], r["step"], r["loss"], r["lr"]) for r in read_rows(path)]
+    per_round, policy = [], None
+    for k in range(2):
+        _, p, fit_outs = train_rounds(cfg, [data[k]], tmp_path, f"fit-{k}", policy=policy)
+        assert len(read_rows(p, "lifecycle")) == 1
+        per_round += [(k, r["step"], r["loss"], r["lr"]) for r in read_rows(p)]
+        policy = str(fit_outs[0] / "model")
+    print(f"one fit: {one_fit}\nper-round fits: {per_round}")
+    assert [x[:2] for x in one_fit] == [x[:2] for x in per_round] == [
+        (k, s) for k in range(2) for s in (1, 2, 3)]
+    for a, b in zip(one_fit, per_round, strict=True):
+        assert abs(a[2] - b[2]) < 1e-5 and math.isclose(a[3], b[3]), (a, b)
+    assert one_fit[3][3] == one_fit[0][3] != one_fit[2][3]  # the schedule restarted
+    mine, theirs = load_file(outs[1] / "model" / "model.safetensors"), load_file(
+        Path(policy) / "model.safetensors")
+    gap = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
+    print(f"round-1 weights: max gap {gap:.2e}")
+    assert gap < 1e-5
+
+
+def test_killed_worker_in_round_two_resumes_that_rounds_checkpoint(pairs_dir, make_config,
+                                                                   tmp_path):
+    """SIGKILL a worker in the second round of one trainer: Ray Train restarts the group
+    (a second trainer_start row), which resumes round 1 from its checkpoint (not round 0's,
+    not step 0) with the promised data order; round 0 is not trained again."""
+    from workers.recipe.recipe import batch_digest
+
+    data = halves(pairs_dir, tmp_path)
+    cfg = config(make_config, tmp_path, checkpoint_every=2, max_failures=2)
+    killed: dict = {}
+    killer = threading.Thread(target=kill_a_train_worker_past_a_checkpoint,
+                              args=(tmp_path / "two-storage" / "trainer",
+                                    tmp_path / "two-metrics.jsonl", 2, killed, 600.0, 1),
+                              daemon=True)
+    killer.start()
+    results, path, _ = train_rounds(cfg, data, tmp_path, "two")
+    killer.join(timeout=1)
+    assert killed, "the worker was never killed (no round-1 checkpoint was registered in time)"
+    print(f"killed {killed}")
+    rows = read_rows(path)
+    steps = len(training_order(pq.read_table(data[1]))) // GLOBAL_BATCH
+    assert [r["steps_done"] for r in results] == [steps, steps]
+    round0 = [(r["step"], r["resumed_from"]) for r in rows if r["round"] == 0]
+    assert round0 == [(s, 0) for s in range(1, steps + 1)], "round 0 was trained again"
+    round1 = [r for r in rows if r["round"] == 1]
+    restart = {r["resumed_from"] for r in round1} - {0}
+    assert len(restart) == 1
+    start = restart.pop()
+    assert start % 2 == 0 and start >= 2
+    assert start >= killed["checkpoint"]
+    order = training_order(pq.read_table(data[1]))
+    final = {r["step"]: r for r in round1}
+    assert sorted(final) == list(range(1, steps + 1))
+    assert {s: r["batch_digest"] for s, r in final.items()} == {
+        s: batch_digest(order[(s - 1) * GLOBAL_BATCH:s * GLOBAL_BATCH]) for s in final}
+    first = {r["step"]: r["loss"] for r in round1 if r["resumed_from"] == 0}
+    for s in (s for s in first if s > start):  # redone after the restart: the same loss
+        assert math.isclose(first[s], final[s]["loss"], abs_tol=1e-5), s
+    starts = read_rows(path, "lifecycle")
+    assert [(r["event"], r["attempt"]) for r in starts] == [("trainer_start", 1),
+                                                            ("trainer_start", 2)]
 
 
 def poison(pairs_dir, tmp_path, positions):

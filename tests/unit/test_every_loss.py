@@ -19,8 +19,8 @@ from pipeline.pairs import win_rates
 from pipeline.stages.evaluate import eval_loss_metrics, eval_pair_logps
 from workers.logprobs import ResponseLogps
 from workers.losses import LOSS_NEEDS, LOSSES, NEEDS, loss_needs, resolve_params
+from workers.recipe.checkpoint import LoopState
 from workers.train_step import RunningMean, pair_loss, policy_pair_logps, rows_to_pairs
-from workers.trainer import LoopState
 
 BATCH = 4
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 from pipeline.config import TrainConfig, parse_config
-from pipeline.stages.train import DRIVER_ONLY, loop_config
-from workers.trainer import TrainLoopConfig
+from pipeline.stages.train import DRIVER_ONLY, loop_config, round_job
+from workers.recipe.options import TrainLoopConfig
 
 
 def test_every_train_field_reaches_the_workers_or_the_driver():
@@ -24,8 +24,11 @@ def test_loop_config_copies_and_derives(tmp_path):
                                   "num_workers": 2, "learning_rate": 3e-5,
                                   "warmup_ratio": 0.25, "precision": "bf16",
                                   "logprob_chunk_size": 512, "stall_timeout_s": 42}})
-    loop = loop_config(cfg, "policy", steps=8, env={"A": "1"})
+    loop = loop_config(cfg, env={"A": "1"})
     assert (loop.learning_rate, loop.micro_batch_size, loop.grad_accum_steps) == (3e-5, 4, 2)
-    assert loop.stall_timeout_s == 42 and loop.warmup_steps == 2 and loop.bf16
+    assert loop.stall_timeout_s == 42 and loop.bf16
     assert loop.head_calls == 4  # 2 sequences x 4 pairs x 256 tokens / 512 rows per call
-    assert loop.optimizer_steps == 8 and loop.extra_env == {"A": "1"}
+    assert loop.extra_env == {"A": "1"}
+    job = round_job(cfg, 3, "k", "policy", steps=8, out_dir=tmp_path, dataset=None)
+    assert (job.round_index, job.optimizer_steps, job.warmup_steps) == (3, 8, 2)
+    assert job.policy_path == "policy" and job.out_dir == str(tmp_path.resolve())

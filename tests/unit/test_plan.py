@@ -122,20 +122,24 @@ def test_reward_pool_reaches_the_plan_and_the_score_stage():
                                          "batch_size": 7, "resources": {"gpu_node": 1}}
 
 
-def test_engines_hold_their_share_for_the_run():
-    """The engine pools live for the run: every other stage must fit beside both, with a CPU
-    left for Ray Data's tasks (which otherwise wait forever without an error)."""
+def test_engines_and_trainers_hold_their_share_for_the_run():
+    """The engine pools and the trainer's workers live for the run: every other stage must
+    fit beside them, with a CPU left for Ray Data's tasks (which otherwise wait forever
+    without an error)."""
     cfg = config(train={"cpus_per_worker": 0.5}, reference={"cpus_per_actor": 1},
-                 sampling={"cpus_per_actor": 1})
+                 sampling={"cpus_per_actor": 1}, rounds={"mode": "online", "count": 2},
+                 reward={"kind": "function", "function": "m:f", "cpus_per_actor": 1})
     one_node = lambda cpus: Resources([{"CPU": cpus}], "this machine")
     plans = stage_plans(cfg)
-    assert {p.stage for p in plans if p.resident} == {"reference", "policy"}
-    assert check_plan(plans, one_node(4.0)) == []  # 1 + 1 engines, 2 × 0.5 trainers, 1 left
-    [problem] = check_plan(plans, one_node(3.0))  # each stage alone fits; beside the engines not
-    assert problem.startswith("stage 'train' (2 × CPU 0.5) does not fit beside the engines that"
-                              " live for the run (reference 1 × CPU 1 + policy 1 × CPU 1)")
-    [problem] = check_plan(plans, one_node(2.0))
-    assert problem.startswith("the engines that live for the run (reference 1 × CPU 1 + policy"
-                              " 1 × CPU 1) do not fit this machine (2 CPU / 0 GPU in 1 node(s))")
-    # on two nodes the engines and the trainers spread out
-    assert check_plan(plans, two_nodes(head_cpus=2.0, worker_cpus=2.0)) == []
+    assert {p.stage for p in plans if p.resident} == {"reference", "policy", "train"}
+    # 1 + 1 engines, 2 × 0.5 trainers, a scorer of 1, and 1 left for Ray Data
+    assert check_plan(plans, one_node(5.0)) == []
+    [problem] = check_plan(plans, one_node(4.0))  # each stage alone fits; beside those not
+    assert problem.startswith("stage 'score' (1 × CPU 1) does not fit beside what lives for"
+                              " the run (reference 1 × CPU 1 + policy 1 × CPU 1 + train 2 ×"
+                              " CPU 0.5)")
+    [problem] = check_plan(plans, one_node(3.0))
+    assert problem.startswith("what lives for the run (reference 1 × CPU 1 + policy 1 × CPU 1"
+                              " + train 2 × CPU 0.5) does not fit this machine (3 CPU / 0 GPU")
+    # on two nodes they spread out
+    assert check_plan(plans, two_nodes(head_cpus=3.0, worker_cpus=3.0)) == []

@@ -100,7 +100,8 @@ def test_vllm_load_format_other_than_safetensors_needs_the_flag():
 def test_remote_code_is_not_run_by_default(tmp_path):
     """A checkpoint that ships its own modelling code: loading it the way the trainer does
     refuses unless model.trust_remote_code is set, and the code never runs."""
-    from workers.trainer import TrainLoopConfig, _load_policy
+    from workers.recipe.options import TrainLoopConfig
+    from workers.recipe.recipe import _load_policy
 
     model = tmp_path / "evil"
     model.mkdir()
@@ -110,14 +111,14 @@ def test_remote_code_is_not_run_by_default(tmp_path):
         "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilLM"}}))
     (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     cfg = TrainLoopConfig(
-        policy_path=str(model), tokenizer_path=str(model), loss_name="sigmoid", loss_params={},
-        zero_stage=0, micro_batch_size=1, grad_accum_steps=1, optimizer_steps=1, epochs=1,
-        learning_rate=1e-4, lr_schedule="constant", warmup_steps=0, grad_clip=1.0,
+        tokenizer_path=str(model), loss_name="sigmoid", loss_params={},
+        zero_stage=0, micro_batch_size=1, grad_accum_steps=1, epochs=1,
+        learning_rate=1e-4, lr_schedule="constant", grad_clip=1.0,
         weight_decay=0.0, adam_betas=(0.9, 0.95), seed=0, bf16=False,
         gradient_checkpointing=False)
     assert cfg.trust_remote_code is False
     with pytest.raises(ValueError, match="trust_remote_code"):
-        _load_policy(cfg, {})
+        _load_policy(cfg, str(model), {})
     assert not marker.exists()
 
 

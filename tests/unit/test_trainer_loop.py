@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from workers.nonfinite import NonFiniteGuard, all_ranks, local_weights_finite
-from workers.trainer import batch_digest, global_micro_batches
+from workers.recipe.recipe import batch_digest, global_micro_batches
 
 
 def test_skip_counts_until_the_limit():
@@ -65,7 +65,8 @@ def test_batch_digest_depends_on_order():
 
 
 def test_attention_choice():
-    from workers.trainer import attn_implementation, pair_tokens
+    from workers.recipe.options import attn_implementation
+    from workers.recipe.recipe import pair_tokens
 
     assert attn_implementation("auto", packing=True, cuda=True) == "flex_attention"
     assert attn_implementation("auto", packing=True, cuda=False) == "sdpa"  # no CPU backward
@@ -88,18 +89,18 @@ def test_sampling_calls_fit_the_token_budget():
 
 
 def loop_config(**overrides):
-    from workers.trainer import TrainLoopConfig
+    from workers.recipe.options import TrainLoopConfig
 
-    base = {"policy_path": "m", "tokenizer_path": "m", "loss_name": "sigmoid", "loss_params": {},
-                "zero_stage": 3, "micro_batch_size": 2, "grad_accum_steps": 1, "optimizer_steps": 4,
-                "epochs": 1, "learning_rate": 1e-3, "lr_schedule": "constant", "warmup_steps": 0,
+    base = {"tokenizer_path": "m", "loss_name": "sigmoid", "loss_params": {},
+                "zero_stage": 3, "micro_batch_size": 2, "grad_accum_steps": 1,
+                "epochs": 1, "learning_rate": 1e-3, "lr_schedule": "constant",
                 "grad_clip": 1.0, "weight_decay": 0.01, "adam_betas": (0.9, 0.95), "seed": 0, "bf16": False,
                 "gradient_checkpointing": False}
     return TrainLoopConfig(**{**base, **overrides})
 
 
 def test_offload_settings_reach_the_deepspeed_config():
-    from workers.trainer import deepspeed_config
+    from workers.recipe.options import deepspeed_config
 
     plain = deepspeed_config(loop_config(), 64)["zero_optimization"]
     assert "offload_optimizer" not in plain and "offload_param" not in plain
@@ -109,7 +110,7 @@ def test_offload_settings_reach_the_deepspeed_config():
 
 
 def test_build_optimizer_follows_the_config():
-    from workers.trainer import build_optimizer
+    from workers.recipe.options import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     opt = build_optimizer(loop_config(), params)

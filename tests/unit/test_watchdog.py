@@ -52,9 +52,9 @@ def test_stall_message_names_stage_round_step_phase_ranks_and_stack():
     board.beat("rank 0", 9, "forward", time.time())
     board.beat("rank 1", 9, "data", time.time() - 200)
     board.report_stall("rank 1", 9, "data", 200.0,
-                       'File "workers/trainer.py", line 280, in _train\n    inject_stall(...)\n')
+                       'File "workers/recipe/recipe.py", line 280, in train_round\n    inject_stall(...)\n')
     message = stall_message(board.summary())
     assert message.startswith("train stage, round 1: rank 1 made no progress for 200.0 s at"
                               " step 9 (phase 'data')")
     assert "rank 0 step 9 phase 'forward'" in message and "pid 11" in message
-    assert "where rank 1 was stuck:" in message and "workers/trainer.py" in message
+    assert "where rank 1 was stuck:" in message and "workers/recipe/recipe.py" in message

@@ -1,0 +1,65 @@
+"""The actor between the driver's train stages and the run's one worker group.
+
+The driver submits a round's job and waits for its result; every worker polls for the next
+job past the last one it trained (all ranks get the same job, in the same order), trains it,
+and rank 0 hands back the result. A group that Ray Train restarts asks again and gets the
+round in flight. `stop` ends the workers at their next poll (the end of the run, or an
+error: then a round in flight is never trained again).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+STOP = "stop"  # what next_job answers once the run's training is over
+
+
+class RoundCoordinator:
+    """Ray actor (one per run's trainer). Methods are cheap; workers poll them."""
+
+    def __init__(self, sink: Any = None):
+        self.sink = sink
+        self.jobs: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, dict[str, Any]] = {}
+        self.stopped = False
+        self.launched_at = time.time()
+        self.attempts = 0
+
+    def submit(self, job: dict[str, Any]) -> None:
+        self.jobs[job["round_index"]] = job
+
+    def next_job(self, after: int) -> dict[str, Any] | str | None:
+        """The first submitted round past `after` that has no result yet; STOP once stopped;
+        None while there is nothing to do."""
+        if self.stopped:
+            return STOP
+        pending = sorted(k for k in self.jobs if k > after and k not in self.results)
+        return self.jobs[pending[0]] if pending else None
+
+    def finish(self, round_index: int, result: dict[str, Any]) -> None:
+        self.results[round_index] = result
+        self.jobs.pop(round_index, None)  # its dataset is no longer needed
+
+    def result(self, round_index: int) -> dict[str, Any] | None:
+        return self.results.get(round_index)
+
+    def in_flight(self) -> bool:
+        """Is a submitted round still without its result?"""
+        return bool(self.jobs)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def started(self, workers: int, setup_s: float) -> int:
+        """Rank 0 of a worker group is ready to train (model loaded, DeepSpeed built): record
+        the start as a `lifecycle` row. The first start counts from the fit's launch (the
+        group's placement, processes and process group too); a restart from its workers'
+        entry into the training function."""
+        self.attempts += 1
+        seconds = time.time() - self.launched_at if self.attempts == 1 else setup_s
+        if self.sink is not None:
+            self.sink.log.remote("lifecycle", {"event": "trainer_start", "workers": workers,
+                                               "seconds": round(seconds, 3),
+                                               "attempt": self.attempts})
+        return self.attempts

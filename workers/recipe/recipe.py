@@ -1,0 +1,347 @@
+"""The Ray Train worker side of the run's one trainer: a recipe that reads like the algorithm.
+
+Each worker enters `train_loop_per_worker` once per worker-group start: it waits for the
+next round the driver hands out (workers.recipe.coordinator), builds the model and DeepSpeed
+on the first one, then for every round: `begin_round` (a fresh optimizer state and LR
+schedule from the weights it holds, or the state of this round's checkpoint), `train_round`
+(micro-steps over the round's pairs, `save` every train.checkpoint_every steps), `export`
+(the consolidated HF model to the round's out_dir/model), and rank 0 reports the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.logprobs import ResponseLogps
+from workers.nonfinite import (
+    NonFiniteGuard,
+    all_ranks,
+    inject_nan_gradient,
+    local_weights_finite,
+)
+from workers.packing import attention_mode
+from workers.recipe import checkpoint
+from workers.recipe.checkpoint import LoopState
+from workers.recipe.coordinator import STOP
+from workers.recipe.options import (
+    RoundJob,
+    TrainLoopConfig,
+    attn_implementation,
+    build_optimizer,
+    deepspeed_config,
+    lr_lambda,
+)
+from workers.train_step import pair_loss, rows_to_pairs
+from workers.watchdog import Watchdog, inject_stall, is_permanent
+
+SETUP_TIMEOUT_FACTOR = 3  # setup phases may take this many stall timeouts (workers.watchdog)
+POLL_S = 0.05  # how often an idle worker asks for the next round
+
+
+def _hidden_size(cfg: TrainLoopConfig, policy_path: str) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.trust_remote_code)
+    return getattr(config, "hidden_size", None)
+
+
+def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    keep_alive = None
+    if cfg.zero_stage == 3:
+        # Lets from_pretrained load straight into ZeRO-3 partitions (big models never whole).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        policy_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=attn_implementation(cfg.attention, cfg.packing,
+                                                torch.cuda.is_available()),
+        use_safetensors=None if cfg.allow_pickle_weights else True)
+    for module in model.modules():  # preference training disables dropout (as TRL does)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model, keep_alive
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def batch_digest(ids) -> str:
+    """A short digest of a global batch's pair ids, in order (to check data order on resume)."""
+    return hashlib.blake2b("\n".join(str(i) for i in ids).encode(), digest_size=8).hexdigest()
+
+
+def global_micro_batches(shard, rows_per_batch: int, epochs: int, start: int):
+    """(cursor, epoch, rows) for each global micro-batch from number `start` on.
+
+    Every worker reads the whole ordered dataset and keeps its slice of each global
+    micro-batch, so which pairs form optimizer step k does not depend on the number of
+    workers or on scheduling, and a restarted group skips exactly what was consumed."""
+    cursor = 0
+    for epoch in range(epochs):
+        for rows in shard.iter_batches(batch_size=rows_per_batch, batch_format="numpy",
+                                       drop_last=True):
+            if cursor >= start:
+                yield cursor, epoch, rows
+            cursor += 1
+
+
+def pair_tokens(rows: dict[str, Any]) -> int:
+    """Tokens of the pairs as two whole sequences each (prompt counted twice), whatever the
+    layout computes, so tokens/s compares across padding, packing and a shared prompt."""
+    return sum(2 * len(p) + len(c) + len(r)
+               for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper (the one the schedule drives)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+class DPORecipe:
+    """One worker's trainer for the whole run: setup once, then a round at a time."""
+
+    def __init__(self, cfg: TrainLoopConfig, sink: Any, watchdog: Watchdog | None):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.cfg, self.sink, self.watchdog = cfg, sink, watchdog
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.engine: Any = None
+        # loading the model and building DeepSpeed (a first run compiles its ops) may take
+        # longer than a step: SETUP_TIMEOUT_FACTOR times the stall timeout
+        self.setup_timeout = SETUP_TIMEOUT_FACTOR * cfg.stall_timeout_s
+
+    def progress(self, step: int, phase: str, timeout_s: float | None = None) -> None:
+        if self.watchdog is not None:
+            self.watchdog.progress(step, phase, timeout_s)
+
+    # --- setup: model, tokenizer, optimizer, DeepSpeed (once per worker-group start) -----
+
+    def setup(self, policy_path: str) -> None:
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.progress(0, "load", self.setup_timeout)
+        ds_config = deepspeed_config(cfg, _hidden_size(cfg, policy_path))
+        model, self._keep_alive = _load_policy(cfg, policy_path, ds_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path,
+                                                       trust_remote_code=cfg.trust_remote_code)
+        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                       else self.tokenizer.eos_token_id)
+        self.packing = attention_mode(model) if cfg.packing else None
+        self.progress(0, "deepspeed init", self.setup_timeout)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=ResponseLogps(model, cfg.logprob_chunk_size, cfg.head_calls),
+            optimizer=build_optimizer(cfg, model.parameters()), config=ds_config,
+            dist_init_required=False)
+
+    # --- a round -------------------------------------------------------------------------
+
+    def begin_round(self, job: RoundJob, ckpt: Any) -> LoopState:
+        """A fresh optimizer state and LR schedule from the weights the engine holds (the
+        previous round's), as a fit of this round alone would start; or, when `ckpt` is this
+        round's checkpoint, the state it saved."""
+        cfg, engine = self.cfg, self.engine
+        torch.manual_seed(cfg.seed)
+        base = _base_optimizer(engine)
+        base.state.clear()  # Adam moments and step count: rebuilt lazily at the first step
+        if cfg.bf16 and cfg.zero_stage == 3:
+            # the fp32 master weights start from the 16-bit weights, as they do after a load
+            # of the exported model (so a restarted group and a running one agree)
+            zero = engine.optimizer
+            for low, master in zip(zero.fp16_partitioned_groups_flat,
+                                   zero.fp32_partitioned_groups_flat):
+                if low is not None and master is not low and master.numel():
+                    master.data.copy_(low.data.to(master.dtype))
+        engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            base, lr_lambda(cfg.lr_schedule, job.warmup_steps, job.optimizer_steps))
+        if ckpt is None:
+            return LoopState()
+        self.progress(0, "restore", self.setup_timeout)
+        return checkpoint.restore(engine, ckpt)
+
+    def train_round(self, job: RoundJob, state: LoopState) -> dict[str, Any]:
+        """Micro-steps over the round's pairs until its optimizer steps are done (or the data
+        ran out, or the NaN/inf guard stopped it); then the export. Returns rank 0's result."""
+        cfg, engine, rank, world = self.cfg, self.engine, self.rank, self.world
+        device = engine.device
+        resumed_from = state.step
+        guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, skipped=state.skipped)
+        mb = cfg.micro_batch_size
+        micro, t_step, tokens, acc, step_ids = 0, time.perf_counter(), 0, {}, []
+        self.progress(state.step + 1, "data")  # marks name the optimizer step being worked on
+        for cursor, epoch, rows in global_micro_batches(job.dataset, mb * world, cfg.epochs,
+                                                        state.cursor):
+            if state.step >= job.optimizer_steps or guard.stop_reason:
+                break
+            state.cursor = cursor + 1
+            inject_stall(rank, state.step + 1)
+            ids = [str(i) for i in rows["id"]]
+            mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()}
+            pairs = rows_to_pairs(mine, self.pad_id, self.packing, share_prompt=cfg.share_prompt,
+                                  row_tokens=cfg.pack_row_tokens)
+            pairs.batch = pairs.batch.to(device)
+            self.progress(state.step + 1, "forward")
+            loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params, state.running)
+            loss = inject_nan_gradient(loss, state.step + 1, rank)  # a no-op unless a test sets it
+            self.progress(state.step + 1, "loss check")
+            if not all_ranks(bool(torch.isfinite(loss.detach())), device):
+                guard.record("loss", state.step + 1, ids)
+                continue  # no backward, no step: the next micro-batch takes this one's place
+            self.progress(state.step + 1, "backward")
+            engine.backward(loss)
+            self.progress(state.step + 1, "optimizer step")
+            engine.step()
+            micro += 1
+            step_ids += ids
+            tokens += pair_tokens(mine)
+            for k, v in {"loss": float(loss.detach()), **out.metrics}.items():
+                acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum_steps
+            self.progress(state.step + 1, "data")
+            if micro % cfg.grad_accum_steps:
+                continue
+            state.step += 1
+            if getattr(engine.optimizer, "overflow", False):  # DeepSpeed skipped a NaN/inf update
+                guard.record("gradient", state.step, step_ids)
+            elapsed = time.perf_counter() - t_step
+            acc.update({"tokens_per_s": tokens / elapsed,
+                        "pairs_per_s": mb * cfg.grad_accum_steps / elapsed})
+            self.progress(state.step, "metrics")
+            metrics = _mean_across_ranks(acc)
+            metrics["tokens_per_s"] *= world  # throughput of the whole group
+            metrics["pairs_per_s"] *= world
+            grad_norm = engine.get_global_grad_norm()
+            metrics.update({"step": state.step, "epoch": epoch,
+                            "lr": engine.lr_scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                            "nonfinite_skipped": guard.skipped, "resumed_from": resumed_from,
+                            "batch_digest": batch_digest(step_ids)})
+            if rank == 0 and self.sink is not None:
+                self.sink.log.remote("train", metrics)
+            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+                    and state.step < job.optimizer_steps and not guard.stop_reason):
+                self.progress(state.step, "checkpoint")
+                self.save(job, state, metrics, guard)
+            # Per-step metrics go to the sink only: a Ray Train report is a barrier that waits
+            # for the controller's poll (~2 s), so reporting every step would cap the step rate.
+            acc, tokens, step_ids, t_step = {}, 0, [], time.perf_counter()
+            self.progress(state.step + 1, "data")
+        self.progress(state.step, "export")
+        if not guard.stop_reason and not all_ranks(local_weights_finite(engine.module), device):
+            guard.record("weights", state.step, [])
+        if guard.stop_reason:  # a clean stop, not an error: the driver raises it, no retry
+            return {"stopped": guard.stop_reason, "step": state.step,
+                    "nonfinite_events": guard.events}
+        self.export(Path(job.out_dir) / "model")
+        return {"step": state.step, "nonfinite_skipped": guard.skipped,
+                "running_mean": state.running.mean,
+                "data_exhausted": state.step < job.optimizer_steps}
+
+    def save(self, job: RoundJob, state: LoopState, metrics: dict[str, Any],
+             guard: NonFiniteGuard) -> None:
+        checkpoint.save(self.engine, state, metrics, guard, self.engine.device, self.rank,
+                        job.round_index, job.key)
+
+    def export(self, out: Path) -> None:
+        """Gather ZeRO-3 shards into one state dict; rank 0 saves a HF safetensors model."""
+        engine = self.engine
+        if self.cfg.zero_stage == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
+        else:
+            state = engine.module.state_dict()
+        if self.rank != 0:
+            return
+        prefix = "lm."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        engine.module.lm.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+
+
+def next_job(coordinator: Any, after: int, watchdog: Watchdog | None) -> RoundJob | None:
+    """Wait (idle, not stalled) for the next round past `after`; None when told to stop."""
+    import ray
+
+    if watchdog is not None:
+        watchdog.idle()
+    while True:
+        job = ray.get(coordinator.next_job.remote(after), timeout=60)
+        if job == STOP:
+            return None
+        if job is not None:
+            return RoundJob(**job)
+        time.sleep(POLL_S)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point: the watchdog around `_train_rounds`, and permanent errors
+    recorded on the board so that a restarted group ends at once instead of failing again."""
+    import ray
+    import ray.train
+
+    entered = time.time()
+    handles = {k: config.pop(k, None) for k in TrainLoopConfig.HANDLES}
+    cfg = TrainLoopConfig(**config)
+    os.environ.update(cfg.extra_env)
+    board = handles["progress_board"]
+    rank = ray.train.get_context().get_world_rank()
+    if board is not None and ray.get(board.get_permanent.remote(), timeout=60) is not None:
+        return  # an earlier attempt hit an error a retry repeats: the driver raises it
+    watchdog = Watchdog(f"rank {rank}", cfg.stall_timeout_s, board) if board is not None else None
+    try:
+        _train_rounds(cfg, handles, watchdog, entered)
+    except Exception as err:
+        if board is not None and is_permanent(err):
+            ray.get(board.report_permanent.remote(f"rank {rank}", watchdog.step,
+                                                  f"{type(err).__name__}: {err}",
+                                                  traceback.format_exc()), timeout=60)
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+
+
+def _train_rounds(cfg: TrainLoopConfig, handles: dict[str, Any], watchdog: Watchdog | None,
+                  entered: float) -> None:
+    """Round after round until the driver stops the run. Only the first round a group takes
+    can resume a checkpoint (Ray Train's latest when the group started)."""
+    import ray
+    import ray.train
+
+    coordinator = handles["coordinator"]
+    recipe = DPORecipe(cfg, handles["metrics_sink"], watchdog)
+    ckpt, after = ray.train.get_checkpoint(), -1
+    while (job := next_job(coordinator, after, watchdog)) is not None:
+        if recipe.engine is None:
+            recipe.setup(job.policy_path)
+            if recipe.rank == 0:
+                coordinator.started.remote(recipe.world, time.time() - entered)
+        resume = ckpt if checkpoint.resumes(ckpt, job.round_index, job.key) else None
+        result = recipe.train_round(job, recipe.begin_round(job, resume))
+        ckpt, after = None, job.round_index
+        if recipe.rank == 0:
+            ray.get(coordinator.finish.remote(job.round_index, result), timeout=60)
