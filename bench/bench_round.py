@@ -4,9 +4,10 @@ design against the per-stage design it replaced, in the same run.
 Each design runs the real driver (`pipeline.dag.run_pipeline`) on `configs/demo.yaml` with
 `rounds.count` rounds of `rounds.prompts_per_round` prompts (defaults 10 and 32), in a
 child process of its own with a fresh local Ray cluster and run directory under
-`.cache/bench/round/`. This checkout is "ours"; the baseline is the same program at
+`.cache/bench/round/`. This checkout's HEAD is "ours"; the baseline is the same program at
 `--baseline` (a git revision, default BASELINE: the last commit whose stages each started
-their own vLLM engines), extracted with `git archive` and run with the same venv.
+their own vLLM engines and trainers); each design's commit is extracted with `git archive`
+and run from there with the same venv.
 
 Inside the child the vLLM engine class is swapped for a timed subclass
 (`common.timed_vllm_udfs`): engine starts, calls and weight updates are timed inside the
@@ -63,24 +64,27 @@ def child(config: Path, run_dir: Path, rounds: int, prompts: int) -> None:
             ray.shutdown()
 
 
-def code_root(rev: str | None) -> Path:
-    """This checkout (None), or `rev` extracted under .cache/bench/round/code-REV."""
-    if rev is None:
-        return ROOT
+def code_root(rev: str) -> tuple[str, Path]:
+    """(commit, the tree of `rev` extracted under .cache/bench/round/code-COMMIT): each design
+    runs from its own copy, so editing the checkout during a run cannot change its code
+    (Ray workers import their modules when they start, mid-run)."""
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
+                         capture_output=True, text=True).stdout.strip()
     out = CACHE / "round" / f"code-{rev}"
     if not (out / "pipeline").is_dir():
         out.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
-    return out
+        (out / ".toy").symlink_to(ROOT / ".toy")  # the config's relative paths
+    return rev, out
 
 
 def run_design(name: str, root: Path, config: Path, rounds: int, prompts: int,
                engine_in_udf: bool = False) -> dict[str, Any]:
     run_dir = CACHE / "round" / time.strftime(f"{name}-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(ROOT / "bench")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "bench")])}
     t0 = time.time()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run([sys.executable, __file__, "--child", str(config), str(run_dir),
@@ -188,10 +192,13 @@ def main() -> None:
          line("run", f"{args.config.name}, {args.rounds} online rounds of"
                      f" {args.prompts_per_round} prompts"))
     config = args.config.resolve()
-    ours = analyse(run_design("ours", ROOT, config, args.rounds, args.prompts_per_round))
+    rev, root = code_root("HEAD")
+    emit(line("ours", f"commit {rev} (HEAD; uncommitted changes are not run)"))
+    ours = analyse(run_design("ours", root, config, args.rounds, args.prompts_per_round))
     report(ours)
     if args.baseline != "none":
-        base = analyse(run_design(f"baseline-{args.baseline}", code_root(args.baseline), config,
+        rev, root = code_root(args.baseline)
+        base = analyse(run_design(f"baseline-{rev}", root, config,
                                   args.rounds, args.prompts_per_round, engine_in_udf=True))
         report(base)
         emit(ratio_line(f"whole-run wall, baseline {args.baseline} / ours", base["wall"],
