@@ -151,16 +151,17 @@ def _why_not(p: StagePlan, have: Resources, per_node: list[int]) -> str | None:
 def _take(p: StagePlan, free: list[dict[str, float]]) -> bool:
     """Place p's units on the nodes' `free` resources (taken from them); False if they do not fit."""
     demand = p.demand()
+    roomiest = lambda fits: max(fits, key=lambda i: free[i].get("CPU", 0.0), default=None)
     if p.strategy == "STRICT_PACK":
-        nodes = [next((i for i, n in enumerate(free) if units_per_node(demand, n) >= p.units), None)]
-        if nodes[0] is None:
+        i = roomiest([i for i, n in enumerate(free) if units_per_node(demand, n) >= p.units])
+        if i is None:
             return False
-        nodes *= p.units
-    else:
+        nodes = [i] * p.units
+    else:  # each unit on the node with the most CPU left (room for Ray Data stays spread)
         nodes, used = [], set()
         for _ in range(p.units):
-            i = next((i for i, n in enumerate(free) if units_per_node(demand, n) >= 1
-                      and not (p.strategy == "STRICT_SPREAD" and i in used)), None)
+            i = roomiest([i for i, n in enumerate(free) if units_per_node(demand, n) >= 1
+                          and not (p.strategy == "STRICT_SPREAD" and i in used)])
             if i is None:
                 return False
             nodes.append(i)
@@ -193,7 +194,9 @@ def check_plan(plans: list[StagePlan], have: Resources) -> list[str]:
                 f"{have.gpus:g} GPU in {len(have.nodes)} node(s): {why}")
     if problems:
         return problems
-    resident = [p for p in plans if p.resident]
+    # the most constrained first (custom resources, strict strategies, GPUs, size)
+    resident = sorted((p for p in plans if p.resident), reverse=True, key=lambda p: (
+        bool(p.custom), p.strategy.startswith("STRICT"), p.gpus_each, p.cpus))
     held = " + ".join(f"{p.stage} {p.units} × {_fmt(p.demand())}" for p in resident)
     free = [dict(n) for n in have.nodes]
     if not all(_take(p, free) for p in resident) or not _ray_data_room(free):

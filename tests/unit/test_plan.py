@@ -143,3 +143,14 @@ def test_engines_and_trainers_hold_their_share_for_the_run():
                               " + train 2 × CPU 0.5) does not fit this machine (3 CPU / 0 GPU")
     # on two nodes they spread out
     assert check_plan(plans, two_nodes(head_cpus=3.0, worker_cpus=3.0)) == []
+
+
+def test_pinned_trainers_are_placed_before_unpinned_engines():
+    """A trainer pinned to a node type is placed first, whatever order the nodes come in,
+    so unpinned engines do not take the only node it can use (seen with the worker node
+    listed first by a real two-node cluster)."""
+    cfg = config(train={"resources": {"worker_node": 1}, "placement_strategy": "STRICT_PACK"})
+    worker_first = Resources([{"CPU": 2.0, "worker_node": 100.0},
+                              {"CPU": 2.0, "head_node": 100.0}], "two nodes")
+    assert check_plan(stage_plans(cfg), worker_first) == []
+    assert check_plan(stage_plans(cfg), two_nodes()) == []
