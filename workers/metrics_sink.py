@@ -93,6 +93,12 @@ class DashboardMetrics:
         self.progress.set(min(max(fraction, 0.0), 1.0), tags={**tags, "stage": stage})
 
 
+# Row kinds that record events (an engine start, a weight update, a trainer start), several
+# per round: they go to metrics.jsonl and the run's summary, not to the trackers or the
+# dashboard, whose series hold one value per step.
+EVENT_KINDS = frozenset({"lifecycle"})
+
+
 class MetricsSink:
     def __init__(self, path: str, context: dict[str, Any], tracking: dict[str, Any] | None = None,
                  config: dict[str, Any] | None = None):
@@ -138,6 +144,8 @@ class MetricsSink:
         if self.first.get(kind, {}).get("round") != clean.get("round"):
             self.first[kind] = clean
         self.latest[kind] = clean
+        if kind in EVENT_KINDS:  # events, not series: metrics.jsonl and the summary only
+            return
         if self.dashboard is not None:
             self._export(kind, row)
         if self.trackers is not None:

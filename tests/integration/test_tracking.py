@@ -78,11 +78,13 @@ def test_run_pipeline_tracks_what_metrics_jsonl_holds(cli_round):
     """A whole offline round (`rayalign run`) with `tracking: [tensorboard, mlflow, wandb]`:
     every finite number of every metrics.jsonl row is in every tracker at its step, and so is
     the final table."""
+    from workers.metrics_sink import EVENT_KINDS
     from workers.tracking import StepAxis, to_point
 
     _cfg, run_dir, _ = cli_round
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {"prepare", "train", "eval"} <= {r["kind"] for r in rows}
+    assert {"prepare", "train", "eval", "lifecycle"} <= {r["kind"] for r in rows}
+    rows = [r for r in rows if r["kind"] not in EVENT_KINDS]  # events stay in metrics.jsonl
     tb_scalars, texts = read_tensorboard(run_dir)
     wb_scalars, config, tables = read_wandb(run_dir)
     ml_scalars = read_mlflow(run_dir)[0]
