@@ -152,24 +152,18 @@ def _take(p: StagePlan, free: list[dict[str, float]]) -> bool:
     """Place p's units on the nodes' `free` resources (taken from them); False if they do not fit."""
     demand = p.demand()
     roomiest = lambda fits: max(fits, key=lambda i: free[i].get("CPU", 0.0), default=None)
-    if p.strategy == "STRICT_PACK":
-        i = roomiest([i for i, n in enumerate(free) if units_per_node(demand, n) >= p.units])
+    used: set[int] = set()
+    for _ in range(p.units):
+        if p.strategy == "STRICT_PACK":  # every unit on the first unit's node
+            fits = list(used) or [i for i, n in enumerate(free)
+                                  if units_per_node(demand, n) >= p.units]
+        else:  # each unit on the node with the most CPU left (room for Ray Data stays spread)
+            fits = [i for i, n in enumerate(free) if units_per_node(demand, n) >= 1
+                    and not (p.strategy == "STRICT_SPREAD" and i in used)]
+        i = roomiest(fits)
         if i is None:
             return False
-        nodes = [i] * p.units
-    else:  # each unit on the node with the most CPU left (room for Ray Data stays spread)
-        nodes, used = [], set()
-        for _ in range(p.units):
-            i = roomiest([i for i, n in enumerate(free) if units_per_node(demand, n) >= 1
-                          and not (p.strategy == "STRICT_SPREAD" and i in used)])
-            if i is None:
-                return False
-            nodes.append(i)
-            used.add(i)
-            for k, v in demand.items():
-                free[i][k] = free[i].get(k, 0.0) - v
-        return True
-    for i in nodes:
+        used.add(i)
         for k, v in demand.items():
             free[i][k] = free[i].get(k, 0.0) - v
     return True
