@@ -453,7 +453,7 @@ def local_ray(num_cpus: int = 4, log_to_driver: bool = False) -> Iterator[float]
     """A local Ray cluster for this script only (shut down on exit); yields its start time."""
     import ray
 
-    from pipeline.cluster import WORKER_ENV_DEFAULTS
+    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data
 
     set_env()
     for k, v in WORKER_ENV_DEFAULTS.items():  # the driver runs Ray Data / Train drivers too
@@ -464,6 +464,7 @@ def local_ray(num_cpus: int = 4, log_to_driver: bool = False) -> Iterator[float]
     ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": env}, log_to_driver=log_to_driver, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_ray_data()
     try:
         yield time.perf_counter() - t0
     finally:

@@ -27,6 +27,8 @@ WORKER_ENV_DEFAULTS = {
     "VLLM_LOGGING_LEVEL": "WARNING",
     "TRANSFORMERS_VERBOSITY": "error",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # parquet reads through Ray Data's V1 datasource (see configure_ray_data)
+    "RAY_DATA_USE_DATASOURCE_V2": "0",
 }
 # (VLLM_CPU_KVCACHE_SPACE is not among them: each pool sets its own engine.kv_cache_space_gib,
 # see workers.vllm_pool.Engine.)
@@ -68,6 +70,19 @@ def worker_env(cfg: RunConfig, verbose: bool = False) -> dict[str, str]:
     return env
 
 
+def configure_ray_data() -> None:
+    """This process's Ray Data settings (a Dataset is planned in the process that builds it,
+    so the driver's context is the one that counts). Parquet is read through the V1
+    datasource: Ray 2.60's default V2 starts a pool of footer-reader actors, a new process
+    each, for every `read_parquet`, 3-8 s on a small file against 0.1-0.4 s for V1, which
+    was most of a small online round (bench/RESULTS.md, "Rounds at the speed of their
+    compute")."""
+    import ray.data
+
+    ray.data.DataContext.get_current().use_datasource_v2 = (
+        os.environ.get("RAY_DATA_USE_DATASOURCE_V2", WORKER_ENV_DEFAULTS["RAY_DATA_USE_DATASOURCE_V2"]) != "0")
+
+
 def connect(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     """ray.init for this run; returns {'dashboard_url', 'address', 'started_local'}."""
     import ray
@@ -75,6 +90,7 @@ def connect(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     env = worker_env(cfg, verbose)
     for k, v in env.items():  # the driver process itself runs Ray Data/Train drivers too
         os.environ.setdefault(k, v)
+    configure_ray_data()
     if ray.is_initialized():
         ctx = ray.get_runtime_context()
         return {"dashboard_url": _dashboard_url(None), "address": ctx.gcs_address,

@@ -135,6 +135,7 @@ class Engines:
 
 
 def map_args(pool: PoolConfig) -> dict[str, Any]:
-    """map_batches arguments of the UDF actors feeding a pool's engines: as many as engines,
-    no resources of their own (the engines hold them; a UDF only waits on its engine)."""
+    """map_batches arguments of the UDF tasks feeding a pool's engines: as many at once as
+    engines, no resources of their own (the engines hold them; a UDF only waits on its
+    engine)."""
     return {"concurrency": pool.num_actors, "num_cpus": 0, "batch_size": pool.batch_size}

@@ -2,9 +2,11 @@
 
 An `Engine` actor is started once per run (pipeline.engines) and keeps its model loaded;
 it receives new weights in place (`update_weights`, no restart). A stage maps its rows over
-the engines with `ds.map_batches(UDF, ...)`: each UDF actor is a thin client
+the engines with `ds.map_batches(UDF(client, ...), ...)`: each UDF is a thin client
 (`EngineClient`) that sends its batch to one of the pool's engines and returns the rows, so
-Ray Data keeps feeding the engines while the engines outlive every stage.
+Ray Data keeps feeding the engines while the engines outlive every stage. The UDFs are
+callable objects, run as Ray Data tasks on Ray's pooled worker processes: a UDF actor
+would start a new process at every stage (~1 s each, several per round).
 
 Faults: an engine actor that dies (or that its watchdog ends: a call that never answers)
 is restarted by Ray, and the call that was in flight is retried on the new actor; every
@@ -277,16 +279,15 @@ class EngineClient:
 
 
 class _EngineUDF:
-    """A Ray Data UDF sending each batch to the next engine of its pool (round robin from a
-    per-actor offset, so a pool's UDF actors spread over its engines)."""
+    """A Ray Data UDF (a callable object: it runs in tasks) sending each of its engine calls
+    to an engine of its pool drawn at random, so concurrent tasks spread over the engines."""
 
     def __init__(self, client: EngineClient):
         self.client = client
-        self.turn = int.from_bytes(os.urandom(2), "big")
 
     def engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        self.turn += 1
-        return self.client.call(self.turn, method, *args, **kwargs)
+        turn = int.from_bytes(os.urandom(2), "big")
+        return self.client.call(turn, method, *args, **kwargs)
 
 
 class PairLogprobs(_EngineUDF):

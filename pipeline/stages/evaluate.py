@@ -27,9 +27,9 @@ from pipeline.evalstats import mean_ci, pair_outcomes, paired_diff_ci, sequence_
 from workers.rewards import load_reward_fn
 
 
-def through_engines(rows: list[dict[str, Any]], udf: type, args: tuple, pool: PoolConfig
+def through_engines(rows: list[dict[str, Any]], udf: Any, pool: PoolConfig
                     ) -> list[dict[str, Any]]:
-    """`rows` through a Ray Data map of the engine UDF `udf(*args)`, back in their order."""
+    """`rows` through a Ray Data map of the engine UDF `udf`, back in their order."""
     import ray
 
     from pipeline.engines import map_args
@@ -37,8 +37,7 @@ def through_engines(rows: list[dict[str, Any]], udf: type, args: tuple, pool: Po
     if not rows:
         return []
     table = pa.Table.from_pylist([{**r, "_row": i} for i, r in enumerate(rows)])
-    ds = ray.data.from_arrow(table).map_batches(udf, fn_constructor_args=args,
-                                                batch_format="pyarrow", **map_args(pool))
+    ds = ray.data.from_arrow(table).map_batches(udf, batch_format="pyarrow", **map_args(pool))
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("_row")
     return out.drop_columns(["_row"]).to_pylist()
 
@@ -139,7 +138,9 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     (losses that need running stats)."""
     from workers.vllm_pool import Sampler, TokenLogprobs
 
-    pairs = pq.read_table(str(eval_dir)).to_pylist()
+    # in id order: the files Ray Data wrote hold the pairs in no fixed order, and the
+    # bootstrap intervals (and max_pairs) depend on the order
+    pairs = sorted(pq.read_table(str(eval_dir)).to_pylist(), key=lambda p: str(p.get("id", "")))
     if cfg.eval.max_pairs:
         pairs = pairs[: cfg.eval.max_pairs]
     needs = loss_needs(cfg.loss)
@@ -158,19 +159,20 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     sides = ["chosen_ids", "rejected_ids"]
     kl_sides = ["kl_chosen_ids", "kl_rejected_ids"] if "kl_pairs" in needs else []
     scored = through_engines(
-        [{c: p[c] for c in ["prompt_ids", *sides, *kl_sides]} for p in pairs], TokenLogprobs,
-        (policy, sides + kl_sides, sides if "token_stats" in needs else ()), cfg.sampling)
+        [{c: p[c] for c in ["prompt_ids", *sides, *kl_sides]} for p in pairs],
+        TokenLogprobs(policy, sides + kl_sides, sides if "token_stats" in needs else ()),
+        cfg.sampling)
     pol_c = [r["chosen_ids_logps"] for r in scored]
     pol_r = [r["rejected_ids_logps"] for r in scored]
     pol_kl = tuple([r[f"{c}_logps"] for r in scored] for c in kl_sides) if kl_sides else None
     pol_sq = (tuple([r[f"{c}_collisions"] for r in scored] for c in sides)
               if "token_stats" in needs else None)
-    pol_samples = through_engines(prompt_rows, Sampler, (policy, sampling), cfg.sampling)
+    pol_samples = through_engines(prompt_rows, Sampler(policy, sampling), cfg.sampling)
     reference = engines.client("reference", reference_path)
-    ref_samples = through_engines(prompt_rows, Sampler, (reference, sampling), cfg.reference)
+    ref_samples = through_engines(prompt_rows, Sampler(reference, sampling), cfg.reference)
     ref_of_pol = through_engines([{"prompt_ids": x["prompt_ids"], "response_ids": x["response_ids"]}
-                                  for x in pol_samples], TokenLogprobs,
-                                 (reference, ["response_ids"]), cfg.reference)
+                                  for x in pol_samples], TokenLogprobs(reference, ["response_ids"]),
+                                 cfg.reference)
 
     logps = eval_pair_logps(pairs, pol_c, pol_r, needs, pol_kl, pol_sq, running_mean)
     metrics, per_pair = eval_pair_metrics(cfg.loss, logps)

@@ -62,8 +62,8 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
         conform, fn_kwargs={"split": name}, batch_format="pyarrow")
         for name, path in splits.items()]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
-    ds = ds.map_batches(PairLogprobs, fn_constructor_args=(client, "ref", kl_pairs),
-                        batch_format="pyarrow", **map_args(pool)).materialize()
+    ds = ds.map_batches(PairLogprobs(client, "ref", kl_pairs), batch_format="pyarrow",
+                        **map_args(pool)).materialize()
     rows = {}
     for name in splits:
         part = ds.filter(lambda r, s=name: r["split"] == s).drop_columns(

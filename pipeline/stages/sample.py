@@ -73,6 +73,6 @@ def run_sample(prompts: list[dict[str, Any]], client: Any, cfg: RunConfig, seed:
                 "max_tokens": s.max_tokens, "seed": seed}
     table = pa.Table.from_pylist(prompts)
     ds = ray.data.from_arrow(table).map_batches(
-        Sampler, fn_constructor_args=(client, sampling), batch_format="pyarrow", **map_args(s))
+        Sampler(client, sampling), batch_format="pyarrow", **map_args(s))
     ds.write_parquet(str(out_dir / "samples"))
     return len(prompts) * s.n

@@ -17,9 +17,8 @@ def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path) -> dict[str, Any
     reward = cfg.reward
     pool = pool_map_args(reward)  # reward.num_actors, cpus/gpus_per_actor, resources
     ds = ray.data.read_parquet(str(samples_dir))
-    if reward.kind == "function":
-        ds = ds.map_batches(FunctionScorer, fn_constructor_args=(reward.function,),
-                            batch_format="pyarrow", **pool)
+    if reward.kind == "function":  # no state to keep: tasks, on Ray's pooled workers
+        ds = ds.map_batches(FunctionScorer(reward.function), batch_format="pyarrow", **pool)
     elif reward.kind == "reward_model":
         ds = ds.map_batches(RewardModelScorer, fn_constructor_args=(reward.model,
                                                                     cfg.model.trust_remote_code),

@@ -36,7 +36,7 @@ def deepspeed_ops_built_early():
 def ray_cluster(tmp_path_factory):
     import ray
 
-    from pipeline.cluster import WORKER_ENV_DEFAULTS
+    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data
 
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
     for k in ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "PYTHONPATH"):
@@ -46,6 +46,7 @@ def ray_cluster(tmp_path_factory):
     os.environ.update(env)
     ray.init(num_cpus=6, include_dashboard=False, runtime_env={"env_vars": env},
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    configure_ray_data()
     yield
     ray.shutdown()
 

@@ -253,8 +253,7 @@ print(json.dumps({{"actors": [[a.class_name, role(a.node_id)] for a in actors if
         by_class.setdefault(cls, set()).add(role)
     print("actors by node:", by_class)
     trainers = [c for c in by_class if "RayTrainWorker" in c]
-    feeders = [c for c in by_class if "PairLogprobs" in c]  # Ray Data's, feeding the engines
-    assert trainers and feeders and "Engine" in by_class, by_class
+    assert trainers and "Engine" in by_class, by_class
     assert all(by_class[c] == {"worker"} for c in trainers)
     assert by_class["Engine"] == {"head"}  # the engines hold the pinned resources
     assert placed["driver"] == "head"

@@ -93,28 +93,31 @@ def test_judge_scores_match_hf(ray_cluster, make_config, samples_dir, toy_world,
 
 
 def probe_rewards(prompts, responses):
-    """A reward function that tells the test's probe actor which process called it and
-    what Ray assigned that process; scores are the response lengths."""
-    import os
+    """A reward function that tells the test's probe actor what Ray assigned the process
+    that called it and when the call ran (a short sleep inside, so that calls running at
+    once overlap); scores are the response lengths."""
+    import time
 
     import ray
 
     assigned = ray.get_runtime_context().get_assigned_resources()
-    ray.get(ray.get_actor("score-probe").record.remote(os.getpid(), assigned))
+    start = time.time()
+    time.sleep(0.3)
+    ray.get(ray.get_actor("score-probe").record.remote(assigned, start, time.time()))
     return [float(len(r)) for r in responses]
 
 
 def probe_actor():
-    """A named actor collecting (pid, assigned resources); built in a function so Ray ships
-    the class by value."""
+    """A named actor collecting (assigned resources, start, end) of each reward call; built
+    in a function so Ray ships the class by value."""
     import ray
 
     class Probe:
         def __init__(self):
             self.seen = []
 
-        def record(self, pid, assigned):
-            self.seen.append((pid, assigned))
+        def record(self, assigned, start, end):
+            self.seen.append((assigned, start, end))
 
         def get(self):
             return self.seen
@@ -123,11 +126,10 @@ def probe_actor():
 
 
 def test_score_stage_uses_the_reward_pool_config(ray_cluster, make_config, tmp_path):
-    """reward.num_actors and reward.cpus_per_actor shape the scorer pool: two scorer actors
-    are started (GCS actor table), and a scorer is assigned the configured CPUs (read inside
-    it, by the reward function)."""
+    """reward.num_actors and reward.cpus_per_actor shape the scoring: a reward function runs
+    in Ray Data tasks (no state to keep), at most reward.num_actors at once, each assigned
+    the configured CPUs (read inside it, by the reward function)."""
     import ray
-    from ray._private.state import actors
 
     from pipeline.stages.score import run_score
 
@@ -137,12 +139,7 @@ def test_score_stage_uses_the_reward_pool_config(ray_cluster, make_config, tmp_p
         rows = [{"prompt_id": f"p{f}", "prompt_text": "List two fruits.", "sample_index": i,
                  "response": RESPONSES[i]} for i in range(4)]
         pq.write_table(pa.Table.from_pylist(rows), samples / f"part-{f}.parquet")
-    def scorer_actors() -> set[str]:
-        return {i for i, a in actors().items()
-                if a["ActorClassName"] == "MapWorker(MapBatches(FunctionScorer))"}
-
     probe = probe_actor()
-    before = scorer_actors()
     cfg = make_config(tmp_path / "run", reward={
         "kind": "function", "function": "tests.integration.test_scoring:probe_rewards",
         "batch_size": 4, "num_actors": 2, "cpus_per_actor": 0.5})
@@ -150,8 +147,9 @@ def test_score_stage_uses_the_reward_pool_config(ray_cluster, make_config, tmp_p
     seen = ray.get(probe.get.remote())
     ray.kill(probe)
     assert stats["samples"] == 32
-    assert len(scorer_actors() - before) == 2  # reward.num_actors scorers were started
-    assert seen and all(assigned.get("CPU") == 0.5 for _, assigned in seen), seen
+    assert len(seen) == 8 and all(assigned.get("CPU") == 0.5 for assigned, _, _ in seen), seen
+    at_once = max(sum(1 for _, s, e in seen if s <= t < e) for _, t, _ in seen)
+    assert at_once <= 2, seen  # reward.num_actors
     got = pq.read_table(tmp_path / "scored").to_pylist()
     assert sorted(r["score"] for r in got) == sorted(float(len(RESPONSES[i]))
                                                      for _ in range(8) for i in range(4))
