@@ -453,7 +453,7 @@ def local_ray(num_cpus: int = 4, log_to_driver: bool = False) -> Iterator[float]
     """A local Ray cluster for this script only (shut down on exit); yields its start time."""
     import ray
 
-    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data
+    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data, local_system_config
 
     set_env()
     for k, v in WORKER_ENV_DEFAULTS.items():  # the driver runs Ray Data / Train drivers too
@@ -462,7 +462,8 @@ def local_ray(num_cpus: int = 4, log_to_driver: bool = False) -> Iterator[float]
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")})
     t0 = time.perf_counter()
     ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=log_to_driver, logging_level="ERROR")
+             runtime_env={"env_vars": env}, log_to_driver=log_to_driver, logging_level="ERROR",
+             _system_config=local_system_config(num_cpus))
     ray.data.DataContext.get_current().enable_progress_bars = False
     configure_ray_data()
     try:

@@ -15,6 +15,9 @@ set -euo pipefail
 DIR=${RAYALIGN_CLUSTER_DIR:-/tmp/rayalign-two-nodes}
 RAY=${RAY:-ray}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}   # same value for every command (STACK-NOTES)
+# idle workers a node keeps (Ray's default: its CPU count, and actors count): see
+# pipeline.cluster.local_system_config
+export RAY_num_workers_soft_limit=${RAY_num_workers_soft_limit:-16}
 GCS_PORT=${GCS_PORT:-6390}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 CLIENT_PORT=${CLIENT_PORT:-10001}   # outside the worker ports (10002-19999)

@@ -83,6 +83,17 @@ def configure_ray_data() -> None:
         os.environ.get("RAY_DATA_USE_DATASOURCE_V2", WORKER_ENV_DEFAULTS["RAY_DATA_USE_DATASOURCE_V2"]) != "0")
 
 
+def local_system_config(num_cpus: float | None) -> dict[str, Any]:
+    """Ray settings of a local cluster this process starts. Ray keeps at most as many idle
+    worker processes as the node has CPUs, and every actor (the engines, the trainer
+    workers, the run's small actors: a dozen) counts as one: on a small node each idle task
+    worker is then ended within a second, and every Ray Data task of the next stage starts
+    a new process (~2 s each here, most of a small online round). Keep four per CPU. (A
+    cluster started with `ray start` takes RAY_num_workers_soft_limit from its
+    environment, see cluster/README.md.)"""
+    return {"num_workers_soft_limit": max(16, 4 * int(num_cpus or os.cpu_count() or 1))}
+
+
 def connect(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     """ray.init for this run; returns {'dashboard_url', 'address', 'started_local'}."""
     import ray
@@ -121,7 +132,8 @@ def init_kwargs(cfg: RunConfig, env: dict[str, str], verbose: bool = False) -> d
         return {**kwargs, "address": cfg.ray.address}
     kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=True,
                   dashboard_host=cfg.ray.dashboard_host, dashboard_port=cfg.ray.dashboard_port,
-                  resources=dict(cfg.ray.resources) or None)
+                  resources=dict(cfg.ray.resources) or None,
+                  _system_config=local_system_config(cfg.ray.num_cpus))
     temp = os.environ.get("RAYALIGN_RAY_TEMP_DIR")
     if temp:
         Path(temp).mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def deepspeed_ops_built_early():
 def ray_cluster(tmp_path_factory):
     import ray
 
-    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data
+    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data, local_system_config
 
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
     for k in ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "PYTHONPATH"):
@@ -45,7 +45,8 @@ def ray_cluster(tmp_path_factory):
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     os.environ.update(env)
     ray.init(num_cpus=6, include_dashboard=False, runtime_env={"env_vars": env},
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
+             _system_config=local_system_config(6))
     configure_ray_data()
     yield
     ray.shutdown()
