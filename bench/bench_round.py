@@ -152,7 +152,12 @@ def analyse(design: dict[str, Any]) -> dict[str, Any]:
                                     and st["outputs"].get("optimizer_steps"))
     updates = [t["s"] for t in timings if t["what"] == "update_weights"]
     steady = [r for k, r in rounds.items() if k >= 2]
+    per_stage: dict[str, list[float]] = {}
+    for st in stages:
+        if st["round"] >= 2:
+            per_stage.setdefault(st["stage"], []).append(st["seconds"])
     return {**design, "rounds": rounds,
+            "steady_stages": {k: statistics.median(v) for k, v in per_stage.items()},
             "engine_starts": sum(1 for t in timings if t["what"] == "init"),
             "trainer_starts": fits, "updates": updates,
             "steady_share": (sum(r["compute"] for r in steady)
@@ -169,6 +174,9 @@ def report(d: dict[str, Any]) -> None:
     for k, r in sorted(d["rounds"].items()):
         emit(line(f"{name}: round {k} wall / compute / pairs trained",
                   f"{r['end'] - r['start']:.1f} s / {r['compute']:.1f} s / {r.get('pairs', 0)}"))
+    if d["steady_stages"]:
+        emit(line(f"{name}: steady-state stage medians (s)", ", ".join(
+            f"{k} {v:.2f}" for k, v in d["steady_stages"].items())))
     if d["updates"]:
         emit(line(f"{name}: weight update per engine (median of {len(d['updates'])})",
                   statistics.median(d["updates"]), "s"))
