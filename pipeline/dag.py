@@ -64,6 +64,7 @@ class Round:
     env: dict[str, str]
     sink: Any = None
     engines: Any = None  # the run's vLLM engines (pipeline.engines.Engines)
+    scorers: Any = None  # the run's reward-model / judge actors (pipeline.scorers.Scorers)
     policy_digest: str | None = None  # known when the policy is an earlier round's output
     carried: tuple[str, Path] | None = None  # (train key, pairs) an earlier round left untrained
     verbose: bool = False  # libraries' and workers' output on the console (else in logs/)
@@ -270,7 +271,7 @@ def _score_inputs(r: Round) -> dict[str, Any]:
 def _score(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.score import run_score
 
-    stats = run_score(r.stage_path("sample", "samples"), r.cfg, out)
+    stats = run_score(r.stage_path("sample", "samples"), r.cfg, out, r.scorers)
     console.print(f"  scored {stats['samples']} samples: mean {stats['score_mean']:.3f}")
     return {"scored": "scored", **stats}
 
@@ -367,6 +368,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
     from pipeline.cluster import connect, worker_env
     from pipeline.engines import Engines
     from pipeline.metrics import plot_run
+    from pipeline.scorers import Scorers
     from pipeline.stages.train import TrainerSession
     from workers.metrics_sink import MetricsSink
     from workers.tracking import table_data
@@ -379,11 +381,12 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
         str((run_dir / "metrics.jsonl").resolve()), {"run_dir": str(run_dir)},
         cfg.tracking.model_dump(), cfg.model_dump(mode="json"))
     env = worker_env(cfg, verbose)
-    # the engines and one trainer worker group live for the run (each started at first use)
+    # the engines, the scorers and one trainer worker group live for the run (each started
+    # at first use)
     trainer = TrainerSession(cfg, run_dir / "ray_train", env, sink)
-    with Engines(cfg, sink) as engines:
+    with Engines(cfg, sink) as engines, Scorers(cfg, sink) as scorers:
         try:
-            rounds = _rounds(cfg, run_dir, env, sink, engines, trainer, verbose)
+            rounds = _rounds(cfg, run_dir, env, sink, engines, scorers, trainer, verbose)
         except BaseException:
             trainer.close(ok=False)
             raise
@@ -397,13 +400,13 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
 
 
 def _rounds(cfg: RunConfig, run_dir: Path, env: dict[str, str], sink: Any, engines: Any,
-            trainer: Any, verbose: bool) -> list[Round]:
+            scorers: Any, trainer: Any, verbose: bool) -> list[Round]:
     policy = cfg.model.policy
     rounds: list[Round] = []
     for k in range(cfg.rounds.count):
         reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
-        r = Round(cfg, run_dir, k, policy, reference, env, sink, engines, verbose=verbose,
-                  trainer=trainer)
+        r = Round(cfg, run_dir, k, policy, reference, env, sink, engines, scorers,
+                  verbose=verbose, trainer=trainer)
         if rounds:  # prepare ran once, in round 0
             r.policy_digest = trained_digest(rounds[-1])
             r.done["prepare"] = rounds[0].done["prepare"]

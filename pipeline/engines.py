@@ -96,28 +96,17 @@ class Engines:
                                 self.cfg.model.trust_remote_code, self.cfg.sampling.seed,
                                 f"{name}-{i}", self.sink)
                   for i in range(config.num_actors)]
-        self._wait([a.ready.remote() for a in actors],
+        wait_all([a.ready.remote() for a in actors],
                    START_TIMEOUT_FACTOR * config.engine.call_timeout_s + 60,
                    f"starting the {name} engines ({weights_path})")
         return _Pool(name, config, actors, weights_path, weights_id(weights_path), 0)
 
     def _update(self, pool: _Pool, weights_path: str, wanted: str) -> None:
         version = pool.version + 1
-        self._wait([a.update_weights.remote(weights_path, version) for a in pool.actors],
+        wait_all([a.update_weights.remote(weights_path, version) for a in pool.actors],
                    START_TIMEOUT_FACTOR * pool.config.engine.call_timeout_s + 60,
                    f"loading {weights_path} into the {pool.name} engines")
         pool.weights_path, pool.weights, pool.version = weights_path, wanted, version
-
-    @staticmethod
-    def _wait(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
-        import ray
-        from ray.exceptions import GetTimeoutError
-
-        t0 = time.time()
-        try:
-            return ray.get(refs, timeout=timeout_s)
-        except GetTimeoutError:
-            raise TimeoutError(f"{what}: no answer within {time.time() - t0:.0f} s") from None
 
     def close(self) -> None:
         import ray
@@ -132,6 +121,18 @@ class Engines:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_all(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+    """ray.get(refs), or a TimeoutError naming `what` after `timeout_s`."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    t0 = time.time()
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise TimeoutError(f"{what}: no answer within {time.time() - t0:.0f} s") from None
 
 
 def map_args(pool: PoolConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ not match the stage's current inputs, is never taken as done.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,10 +27,21 @@ def stable_hash(obj: Any) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """Content digest of a local file. Memoised on the file's identity (device, inode, size,
+    modification time in ns): every online round keys its stages on the reference, the
+    tokenizer and the reward model, and hashing a 7B model's 15 GB again each round would
+    cost tens of seconds a round; a file written again gets a new modification time."""
+    st = os.stat(path)
+    return _content_digest(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size,
+                           st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _content_digest(path: str, dev: int, ino: int, size: int, mtime_ns: int) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
 

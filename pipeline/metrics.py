@@ -31,10 +31,14 @@ def lifecycle_line(rows: list[dict[str, Any]], since: float = 0.0) -> str:
     starts = [r for r in events if r["event"] == "engine_start"]
     updates = [r for r in events if r["event"] == "weight_update"]
     trainers = [r for r in events if r["event"] == "trainer_start"]
+    scorers = [r for r in events if r["event"] == "scorer_start"]
     restarts = sum(bool(r.get("restarted")) for r in starts)
     text = (f"engines: {len(starts)} started" + (f" ({restarts} restarts)" if restarts else "")
             + f", {len(updates)} weight updates ({sum(r['seconds'] for r in updates):.2f} s)")
-    return text + f"; trainer: {len(trainers)} start{'s' * (len(trainers) != 1)}"
+    text += f"; trainer: {len(trainers)} start{'s' * (len(trainers) != 1)}"
+    if scorers:  # a reward model or a judge (a reward function has no actors)
+        text += f"; scorers: {sum(r['actors'] for r in scorers)} started"
+    return text
 
 
 def plot_run(run_dir: Path) -> list[Path]:

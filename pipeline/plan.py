@@ -97,7 +97,11 @@ def stage_plans(cfg: RunConfig) -> list[StagePlan]:
                   t.placement_strategy, resident=True),
     ]
     if cfg.rounds.mode != "offline":
-        plans.insert(3, _pool_plan("score", f"reward actors ({cfg.reward.kind})", cfg.reward))
+        if cfg.reward.kind == "function":
+            plans.insert(3, _pool_plan("score", "reward function tasks", cfg.reward))
+        else:  # a reward model / judge: actors for the run (pipeline.scorers)
+            plans.insert(3, _pool_plan("score", f"{cfg.reward.kind} scorer actors, for the run",
+                                       cfg.reward, resident=True))
     return plans
 
 

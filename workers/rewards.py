@@ -106,7 +106,18 @@ class FunctionScorer:
         return batch.append_column("score", pa.array([float(s) for s in scores], pa.float64()))
 
 
-class RewardModelScorer:
+class _ResidentScorer:
+    """A scorer that is a Ray actor for the whole run (pipeline.scorers): `ready` answers
+    once it is built, `score` is its call."""
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, batch):
+        return self(batch)
+
+
+class RewardModelScorer(_ResidentScorer):
     """Scores with a HF sequence-classification reward model (one logit per sequence),
     on the chat-formatted prompt + response when the tokenizer has a chat template."""
 
@@ -149,7 +160,7 @@ JUDGE_TEMPLATE = ("Question:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n
                   "Which response answers the question better? Answer with A or B.")
 
 
-class JudgeScorer:
+class JudgeScorer(_ResidentScorer):
     """Pairwise judge on a vLLM engine, for one prompt's samples at a time (`map_groups`).
 
     Each sample is compared with the prompt's first sample (the anchor) in both orders; the

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ActorPoolConfig, PoolConfig
+from pipeline.config import PoolConfig
 from pipeline.manifest import Manifest, model_digest, stable_hash, write_json_atomic
 
 
@@ -25,15 +25,6 @@ def cache_key(reference_path: str, tokenizer_path: str, data_key: str, lengths: 
                         "tokenizer": model_digest(tokenizer_path), "data": data_key,
                         "lengths": lengths, "dtype": engine_dtype,
                         **({"kl_pairs": True} if kl_pairs else {})})
-
-
-def pool_map_args(pool: ActorPoolConfig) -> dict[str, Any]:
-    """map_batches arguments for a pool of actors (engines, scorers)."""
-    args = {"concurrency": pool.num_actors, "num_cpus": pool.cpus_per_actor,
-            "num_gpus": pool.gpus_per_actor or None, "batch_size": pool.batch_size}
-    if pool.resources:  # custom resources pin the pool to node types
-        args["resources"] = dict(pool.resources)
-    return args
 
 
 def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, out_dir: Path,

@@ -1,34 +1,47 @@
-"""score: the configured reward (function, reward model, judge) scores every sample."""
+"""score: the configured reward (function, reward model, judge) scores every sample.
+
+A reward function runs in Ray Data tasks (it keeps no state); a reward model or a judge
+runs on the run's scorer actors (pipeline.scorers), started once and kept for the run, fed
+by thin task UDFs.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import ActorPoolConfig, RunConfig
 
 
-def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def pool_map_args(pool: ActorPoolConfig) -> dict[str, Any]:
+    """map_batches arguments of reward-function tasks: reward.num_actors at once, each
+    asking for what reward.*_per_actor and reward.resources say."""
+    args = {"concurrency": pool.num_actors, "num_cpus": pool.cpus_per_actor,
+            "num_gpus": pool.gpus_per_actor or None, "batch_size": pool.batch_size}
+    if pool.resources:  # custom resources pin the tasks to node types
+        args["resources"] = dict(pool.resources)
+    return args
+
+
+def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path, scorers: Any = None
+              ) -> dict[str, Any]:
+    """Score out_dir/scored/ (parquet) from the samples in `samples_dir`; `scorers`
+    (pipeline.scorers.Scorers) serves a reward model or a judge."""
     import ray
 
-    from pipeline.stages.reference import pool_map_args
-    from workers.rewards import FunctionScorer, JudgeScorer, RewardModelScorer
+    from workers.rewards import FunctionScorer
 
     reward = cfg.reward
-    pool = pool_map_args(reward)  # reward.num_actors, cpus/gpus_per_actor, resources
     ds = ray.data.read_parquet(str(samples_dir))
-    if reward.kind == "function":  # no state to keep: tasks, on Ray's pooled workers
-        ds = ds.map_batches(FunctionScorer(reward.function), batch_format="pyarrow", **pool)
-    elif reward.kind == "reward_model":
-        ds = ds.map_batches(RewardModelScorer, fn_constructor_args=(reward.model,
-                                                                    cfg.model.trust_remote_code),
-                            batch_format="pyarrow", **pool)
+    if reward.kind == "function":
+        ds = ds.map_batches(FunctionScorer(reward.function), batch_format="pyarrow",
+                            **pool_map_args(reward))
+    elif reward.kind == "reward_model":  # the actors hold the resources; a UDF only waits
+        ds = ds.map_batches(scorers.client(), batch_format="pyarrow", batch_size=reward.batch_size,
+                            concurrency=reward.num_actors, num_cpus=0)
     else:  # judge: all samples of a prompt go to one call, compared with the first
-        pool.pop("batch_size")
-        ds = ds.groupby("prompt_id").map_groups(
-            JudgeScorer, fn_constructor_args=(reward.model, cfg.sampling.engine.model_dump(),
-                                              cfg.model.trust_remote_code),
-            batch_format="pyarrow", **pool)
+        ds = ds.groupby("prompt_id").map_groups(scorers.client(), batch_format="pyarrow",
+                                                concurrency=reward.num_actors, num_cpus=0)
     ds = ds.materialize()
     ds.write_parquet(str(out_dir / "scored"))
     scores = [r["score"] for r in ds.select_columns(["score"]).take_all()]

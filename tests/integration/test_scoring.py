@@ -38,14 +38,30 @@ def reward_model_dir(toy_world, tmp_path_factory):
     return out
 
 
+def alive_actors(class_name: str) -> list[str]:
+    from ray._private.state import actors
+
+    return [i for i, a in actors().items()
+            if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
+
+
 def test_reward_model_scores_match_hf(ray_cluster, make_config, samples_dir, reward_model_dir, tmp_path):
+    """The reward model's scores equal a HF forward's, and its actor lives for the run: a
+    second round's scoring on the run's Scorers starts none."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from pipeline.scorers import Scorers
     from pipeline.stages.score import run_score
 
     cfg = make_config(tmp_path / "run", reward={"kind": "reward_model", "model": str(reward_model_dir),
                                                 "function": None, "batch_size": 3})
-    stats = run_score(samples_dir, cfg, tmp_path)
+    with Scorers(cfg) as scorers:
+        stats = run_score(samples_dir, cfg, tmp_path, scorers)
+        started = alive_actors("RewardModelScorer")
+        again = run_score(samples_dir, cfg, tmp_path / "round-2", scorers)
+        assert alive_actors("RewardModelScorer") == started and len(started) == 1
+    assert alive_actors("RewardModelScorer") == []  # ended with the run
+    assert again == stats
     got = {(r["prompt_id"], r["sample_index"]): r["score"]
            for r in pq.read_table(tmp_path / "scored").to_pylist()}
     assert stats["samples"] == 8
@@ -63,12 +79,14 @@ def test_reward_model_scores_match_hf(ray_cluster, make_config, samples_dir, rew
 def test_judge_scores_match_hf(ray_cluster, make_config, samples_dir, toy_world, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from pipeline.scorers import Scorers
     from pipeline.stages.score import run_score
     from workers.rewards import JudgeScorer
 
     cfg = make_config(tmp_path / "run", reward={"kind": "judge", "model": str(toy_world.model_dir),
                                                 "function": None})
-    run_score(samples_dir, cfg, tmp_path)
+    with Scorers(cfg) as scorers:
+        run_score(samples_dir, cfg, tmp_path, scorers)
     rows = pq.read_table(tmp_path / "scored").to_pylist()
     by = {(r["prompt_id"], r["sample_index"]): r["score"] for r in rows}
     assert by[("p0", 0)] == by[("p1", 0)] == 0.5  # the anchor

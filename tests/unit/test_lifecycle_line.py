@@ -15,3 +15,11 @@ def test_counts_this_sessions_events_only():
         "engines: 2 started (1 restarts), 2 weight updates (0.75 s); trainer: 1 start")
     assert lifecycle_line(rows).startswith("engines: 3 started")
     assert lifecycle_line([]) == "engines: 0 started, 0 weight updates (0.00 s); trainer: 0 starts"
+
+
+def test_scorer_actors_are_counted_when_the_reward_has_them():
+    rows = [{"kind": "lifecycle", "time": 1.0, "event": "scorer_start", "pool": "judge",
+             "actors": 2, "seconds": 9.0},
+            {"kind": "lifecycle", "time": 2.0, "event": "trainer_start"}]
+    assert lifecycle_line(rows) == ("engines: 0 started, 0 weight updates (0.00 s);"
+                                    " trainer: 1 start; scorers: 2 started")

@@ -48,3 +48,22 @@ def test_files_digest_tracks_content(tmp_path):
     d1 = files_digest([a])
     a.write_bytes(b"two")
     assert files_digest([a]) != d1
+
+
+def test_file_digest_hashes_a_file_once_until_it_is_written_again(tmp_path):
+    """Rounds key their stages on the same model files again and again: the content is
+    hashed once per file identity, and a file written again is hashed again."""
+    import os
+
+    from pipeline.manifest import _content_digest, file_digest
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 1000)
+    first = file_digest(f)
+    misses = _content_digest.cache_info().misses
+    assert file_digest(f) == first and _content_digest.cache_info().misses == misses
+    f.write_bytes(b"b" * 1000)  # same size, new content
+    os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 1_000_000))
+    assert file_digest(f) != first
+    f.write_bytes(b"a" * 1000)
+    assert file_digest(f) == first  # by content, not by identity

@@ -107,7 +107,7 @@ def test_config_rejects_non_custom_or_non_positive_resources(bad):
 def test_reward_pool_reaches_the_plan_and_the_score_stage():
     """reward.num_actors / cpus_per_actor / gpus_per_actor / resources are the score stage's
     units in the plan, and the same numbers are what run_score asks Ray Data for."""
-    from pipeline.stages.reference import pool_map_args
+    from pipeline.stages.score import pool_map_args
 
     reward = {"kind": "function", "function": "m:f", "num_actors": 3, "cpus_per_actor": 2,
               "gpus_per_actor": 0.5, "resources": {"gpu_node": 1}, "batch_size": 7}
@@ -115,7 +115,7 @@ def test_reward_pool_reaches_the_plan_and_the_score_stage():
     score = next(p for p in stage_plans(cfg) if p.stage == "score")
     assert (score.units, score.cpus_each, score.gpus_each) == (3, 2, 0.5)
     assert score.demand() == {"CPU": 2, "GPU": 0.5, "gpu_node": 1}
-    assert "reward actors (function)" in format_plan(stage_plans(cfg), two_nodes(gpus=2))
+    assert "reward function tasks" in format_plan(stage_plans(cfg), two_nodes(gpus=2))
     [problem] = check_plan([score], two_nodes(gpus=2))  # no node has gpu_node
     assert problem.startswith("stage 'score' needs 6 CPU / 1.5 GPU + gpu_node 3")
     assert pool_map_args(cfg.reward) == {"concurrency": 3, "num_cpus": 2, "num_gpus": 0.5,
@@ -143,6 +143,20 @@ def test_engines_and_trainers_hold_their_share_for_the_run():
                               " + train 2 × CPU 0.5) does not fit this machine (3 CPU / 0 GPU")
     # on two nodes they spread out
     assert check_plan(plans, two_nodes(head_cpus=3.0, worker_cpus=3.0)) == []
+
+
+def test_reward_model_scorers_hold_their_share_for_the_run():
+    """A reward model or a judge lives in actors for the whole run (pipeline.scorers), so
+    it is placed with the engines and the trainer; a reward function's tasks are not."""
+    cfg = config(train={"cpus_per_worker": 0.5}, reference={"cpus_per_actor": 1},
+                 sampling={"cpus_per_actor": 1}, rounds={"mode": "online", "count": 2},
+                 reward={"kind": "reward_model", "model": "rm", "cpus_per_actor": 1})
+    plans = stage_plans(cfg)
+    assert {p.stage for p in plans if p.resident} == {"reference", "policy", "train", "score"}
+    one_node = lambda cpus: Resources([{"CPU": cpus}], "this machine")
+    assert check_plan(plans, one_node(5.0)) == []  # 4 for the run, 1 for Ray Data
+    [problem] = check_plan(plans, one_node(3.5))
+    assert problem.startswith("what lives for the run") and "score 1 × CPU 1" in problem
 
 
 def test_pinned_trainers_are_placed_before_unpinned_engines():
