@@ -285,9 +285,12 @@ class RoundsConfig(_Section):
 
 
 class RewardConfig(ActorPoolConfig):
-    """The score stage's scorer actors (a function, a reward model or a judge per actor);
-    a judge's vLLM engine takes its arguments from sampling.engine. batch_size: samples per
-    call (a judge is called once per prompt, on all its samples)."""
+    """The score stage's reward: a function (num_actors tasks at once, each asking for
+    cpus/gpus_per_actor), or a reward model or a judge in num_actors actors that live for
+    the run (pipeline.scorers). A judge's vLLM engine takes its arguments from
+    sampling.engine, and a scoring call that does not answer within 5 ×
+    sampling.engine.call_timeout_s fails the stage. batch_size: samples per call (a judge
+    is called once per prompt, on all its samples)."""
 
     kind: Literal["function", "reward_model", "judge"] = "function"
     function: str | None = Field(None, description="'module:function' taking (prompts, responses).")
