@@ -1,7 +1,8 @@
 """The run's reward actors: a reward model or a judge, started once and kept for the run.
 
-`reward.kind: reward_model | judge` loads a model into each scorer actor; starting them
-every round cost 10-25 s of a small online round (bench/RESULTS.md), so like the vLLM
+`reward.kind: reward_model | judge` loads a model into each scorer actor. Starting a
+scorer actor every round cost 10-25 s of a small online round before any model was loaded
+(bench/RESULTS.md, the per-stage design's score stage), so like the vLLM
 engines (pipeline.engines) they start at their first use and live until the run ends. The
 score stage feeds them through Ray Data: `ScorerClient` is a thin UDF, run in tasks, that
 sends each batch (or a judge's prompt group) to one of the actors. A reward function

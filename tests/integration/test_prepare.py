@@ -165,9 +165,10 @@ def test_prepared_parts_shard_disjointly(ray_cluster, tmp_path):
         assert sum(len(s) for s in shards) == n_rows  # disjoint ...
         assert set().union(*shards) == {f"r{i}" for i in range(n_rows)}  # ... and covering
         assert {len(s) for s in shards} == {n_rows // 3}
-    # epochs are reshuffled: the same worker sees a different order (Ray 2.60 does not
-    # reproduce a seeded random_shuffle's order across executions, so no order is pinned)
-    assert any(seen[w][0] != seen[w][1] for w in range(3))
+    # No order is pinned: which blocks reach which consumer depends on timing, and whether
+    # a seeded random_shuffle repeats its order across executions depends on the datasource
+    # (V2 did not, V1 does). Training does not rely on either: every worker reads the
+    # seeded order whole and takes its slice (pipeline.stages.train.ordered_pairs).
 
 
 @pytest.mark.slow
