@@ -19,17 +19,18 @@ weight update is a `lifecycle` row in metrics.jsonl.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from pipeline.config import PoolConfig, RunConfig
+from pipeline.config import ActorPoolConfig, PoolConfig, RunConfig
 from pipeline.manifest import stable_hash
 from workers.vllm_pool import (
     ENGINE_RESTARTS,
-    START_TIMEOUT_FACTOR,
     EngineClient,
+    call_wait_s,
+    get_within,
+    start_wait_s,
     weights_id,
 )
 
@@ -76,9 +77,8 @@ class Engines:
         wanted = weights_id(weights_path)
         if pool.weights != wanted:
             self._update(pool, weights_path, wanted)
-        timeout = pool.config.engine.call_timeout_s * (2 + START_TIMEOUT_FACTOR)
         return EngineClient(tuple(pool.actors), pool.weights_path, pool.weights, pool.version,
-                            pool.name, timeout)
+                            pool.name, call_wait_s(pool.config.engine.call_timeout_s))
 
     def pool_config(self, role: str) -> PoolConfig:
         return getattr(self.cfg, ROLES[role])
@@ -96,15 +96,14 @@ class Engines:
                                 self.cfg.model.trust_remote_code, self.cfg.sampling.seed,
                                 f"{name}-{i}", self.sink)
                   for i in range(config.num_actors)]
-        wait_all([a.ready.remote() for a in actors],
-                   START_TIMEOUT_FACTOR * config.engine.call_timeout_s + 60,
+        get_within([a.ready.remote() for a in actors], start_wait_s(config.engine.call_timeout_s),
                    f"starting the {name} engines ({weights_path})")
         return _Pool(name, config, actors, weights_path, weights_id(weights_path), 0)
 
     def _update(self, pool: _Pool, weights_path: str, wanted: str) -> None:
         version = pool.version + 1
-        wait_all([a.update_weights.remote(weights_path, version) for a in pool.actors],
-                   START_TIMEOUT_FACTOR * pool.config.engine.call_timeout_s + 60,
+        get_within([a.update_weights.remote(weights_path, version) for a in pool.actors],
+                   start_wait_s(pool.config.engine.call_timeout_s),
                    f"loading {weights_path} into the {pool.name} engines")
         pool.weights_path, pool.weights, pool.version = weights_path, wanted, version
 
@@ -123,20 +122,8 @@ class Engines:
         self.close()
 
 
-def wait_all(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
-    """ray.get(refs), or a TimeoutError naming `what` after `timeout_s`."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    t0 = time.time()
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except GetTimeoutError:
-        raise TimeoutError(f"{what}: no answer within {time.time() - t0:.0f} s") from None
-
-
-def map_args(pool: PoolConfig) -> dict[str, Any]:
-    """map_batches arguments of the UDF tasks feeding a pool's engines: as many at once as
-    engines, no resources of their own (the engines hold them; a UDF only waits on its
-    engine)."""
+def map_args(pool: ActorPoolConfig) -> dict[str, Any]:
+    """map_batches arguments of the UDF tasks feeding a pool's actors (engines, scorers): as
+    many at once as actors, no resources of their own (the actors hold them; a UDF only
+    waits on its actor)."""
     return {"concurrency": pool.num_actors, "num_cpus": 0, "batch_size": pool.batch_size}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from pipeline.config import RunConfig
-from workers.vllm_pool import ENGINE_RESTARTS, START_TIMEOUT_FACTOR
+from workers.vllm_pool import ENGINE_RESTARTS, call_wait_s, get_within, start_wait_s
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,9 @@ class ScorerClient:
     __name__ = "ScorerClient"  # Ray Data's map_groups names its task after the UDF's __name__
 
     def __call__(self, batch: Any) -> Any:
-        import ray
-        from ray.exceptions import GetTimeoutError
-
-        turn = int.from_bytes(os.urandom(2), "big") % len(self.actors)
-        try:
-            return ray.get(self.actors[turn].score.remote(batch), timeout=self.timeout_s)
-        except GetTimeoutError:
-            raise TimeoutError(f"scorer {turn}: no answer within {self.timeout_s:.0f} s"
-                               " (restarts included)") from None
+        i = int.from_bytes(os.urandom(2), "big") % len(self.actors)
+        return get_within(self.actors[i].score.remote(batch), self.timeout_s,
+                          f"scorer {i} (restarts included)")
 
 
 class Scorers:
@@ -56,13 +50,11 @@ class Scorers:
         """The client of the run's scorers (started first if they are not)."""
         if not self.actors:
             self._start()
-        timeout = self.cfg.sampling.engine.call_timeout_s * (2 + START_TIMEOUT_FACTOR)
-        return ScorerClient(tuple(self.actors), timeout)
+        return ScorerClient(tuple(self.actors), call_wait_s(self.cfg.sampling.engine.call_timeout_s))
 
     def _start(self) -> None:
         import ray
 
-        from pipeline.engines import wait_all
         from workers.rewards import JudgeScorer, RewardModelScorer
 
         reward, t0 = self.cfg.reward, time.perf_counter()
@@ -78,9 +70,9 @@ class Scorers:
             resources=dict(reward.resources) or None, max_restarts=ENGINE_RESTARTS,
             max_task_retries=ENGINE_RESTARTS)
         actors = [remote.remote(*args) for _ in range(reward.num_actors)]
-        wait_all([a.ready.remote() for a in actors],
-                 START_TIMEOUT_FACTOR * self.cfg.sampling.engine.call_timeout_s + 60,
-                 f"starting the {reward.kind} scorers ({reward.model})")
+        get_within([a.ready.remote() for a in actors],
+                   start_wait_s(self.cfg.sampling.engine.call_timeout_s),
+                   f"starting the {reward.kind} scorers ({reward.model})")
         self.actors = actors
         if self.sink is not None:
             self.sink.log.remote("lifecycle", {"event": "scorer_start", "pool": reward.kind,

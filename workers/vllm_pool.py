@@ -29,6 +29,29 @@ START_TIMEOUT_FACTOR = 3  # an engine start (load, compile, KV cache) may take l
 ENGINE_RESTARTS = 3  # times Ray restarts a dead engine actor (and retries its in-flight call)
 
 
+def start_wait_s(call_timeout_s: float) -> float:
+    """How long the driver waits for actors to start or to load weights: their own start
+    watchdog (START_TIMEOUT_FACTOR x the call timeout), and a minute more."""
+    return START_TIMEOUT_FACTOR * call_timeout_s + 60
+
+
+def call_wait_s(call_timeout_s: float) -> float:
+    """A client's backstop for one call: the actor's watchdog ends a stuck call, Ray
+    restarts the actor (a start) and retries the call, all within this."""
+    return call_timeout_s * (2 + START_TIMEOUT_FACTOR)
+
+
+def get_within(refs: Any, timeout_s: float, what: str) -> Any:
+    """ray.get(refs), or a TimeoutError naming `what` after `timeout_s`."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s") from None
+
+
 def _ints(ids: Sequence[Any]) -> list[int]:
     return [int(t) for t in ids]  # vLLM's msgpack encoder refuses numpy integers
 
@@ -265,17 +288,11 @@ class EngineClient:
 
     def call(self, turn: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """`method` on engine `turn` mod the pool size, on this client's weights."""
-        import ray
-        from ray.exceptions import GetTimeoutError
-
-        actor = self.actors[turn % len(self.actors)]
-        ref = actor.serve.remote(self.weights_path, self.weights, self.version, method,
-                                 *args, **kwargs)
-        try:
-            return ray.get(ref, timeout=self.timeout_s)
-        except GetTimeoutError:
-            raise TimeoutError(f"{self.pool} engine {turn % len(self.actors)}: {method} did not"
-                               f" answer within {self.timeout_s:.0f} s (restarts included)") from None
+        i = turn % len(self.actors)
+        ref = self.actors[i].serve.remote(self.weights_path, self.weights, self.version, method,
+                                          *args, **kwargs)
+        return get_within(ref, self.timeout_s, f"{self.pool} engine {i}: {method} (restarts"
+                                                " included)")
 
 
 class _EngineUDF:

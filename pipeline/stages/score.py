@@ -29,6 +29,7 @@ def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path, scorers: Any = N
     (pipeline.scorers.Scorers) serves a reward model or a judge."""
     import ray
 
+    from pipeline.engines import map_args
     from workers.rewards import FunctionScorer
 
     reward = cfg.reward
@@ -37,11 +38,11 @@ def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path, scorers: Any = N
         ds = ds.map_batches(FunctionScorer(reward.function), batch_format="pyarrow",
                             **pool_map_args(reward))
     elif reward.kind == "reward_model":  # the actors hold the resources; a UDF only waits
-        ds = ds.map_batches(scorers.client(), batch_format="pyarrow", batch_size=reward.batch_size,
-                            concurrency=reward.num_actors, num_cpus=0)
+        ds = ds.map_batches(scorers.client(), batch_format="pyarrow", **map_args(reward))
     else:  # judge: all samples of a prompt go to one call, compared with the first
-        ds = ds.groupby("prompt_id").map_groups(scorers.client(), batch_format="pyarrow",
-                                                concurrency=reward.num_actors, num_cpus=0)
+        args = map_args(reward)
+        args.pop("batch_size")
+        ds = ds.groupby("prompt_id").map_groups(scorers.client(), batch_format="pyarrow", **args)
     ds = ds.materialize()
     ds.write_parquet(str(out_dir / "scored"))
     scores = [r["score"] for r in ds.select_columns(["score"]).take_all()]
