@@ -141,14 +141,17 @@ class TrainConfig(_Section):
         " and are fetched per layer (needs zero_stage: 3). With cpu_adam, a 7B policy fits small"
         " GPUs.")
     gradient_checkpointing: bool = False
-    packing: bool = False
+    packing: bool = Field(
+        True, description="Pack the pairs of a micro-batch into shared rows, no padding between"
+        " sequences (exact: equal log-probs and gradients; workers.packing).")
     attention: Literal["auto", "sdpa", "eager", "flex", "flash"] = Field(
         "auto", description="Attention kernel of the trained model. auto: FlexAttention on GPU"
         " with packing (document masks, no padding), SDPA otherwise; flash: flash_attention_2"
         " (needs flash-attn). FlexAttention has no backward on CPU.")
-    share_prompt: bool = Field(
-        False, description="With packing: compute each prompt once, chosen and rejected"
-        " continuing from it (exact; not with attention: flash).")
+    share_prompt: bool | None = Field(
+        None, description="With packing: compute each prompt once, chosen and rejected"
+        " continuing from it (exact; not with attention: flash). Default: on whenever packing"
+        " is on and attention is not flash.")
     pack_row_tokens: int | None = Field(
         None, gt=0, description="Token budget of a packed row (default: one row per"
         " micro-batch on flex/flash, the longest pair on the CPU mask path).")
@@ -198,6 +201,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _share_prompt_needs_packing(self) -> TrainConfig:
+        if self.share_prompt is None:  # the exact fastest layout wherever it can run
+            self.share_prompt = self.packing and self.attention != "flash"
+            return self
         if self.share_prompt and not self.packing:
             raise ValueError("train.share_prompt needs train.packing: true")
         if self.share_prompt and self.attention == "flash":

@@ -300,7 +300,7 @@ def plain_run(pairs_dir, make_config, tmp_path_factory):
     from safetensors.torch import load_file
 
     tmp = tmp_path_factory.mktemp("plain")
-    cfg = config(make_config, tmp, max_steps=4, learning_rate=1e-3)
+    cfg = config(make_config, tmp, max_steps=4, learning_rate=1e-3, packing=False)
     result, rows, out = train(cfg, pairs_dir, tmp, "plain")
     assert result["steps_done"] == 4
     return [r["loss"] for r in rows], load_file(out / "model" / "model.safetensors")
@@ -388,7 +388,7 @@ def test_cpu_adam_with_offload_matches_adamw(pairs_dir, plain_run, make_config, 
     from safetensors.torch import load_file
 
     cfg = config(make_config, tmp_path, max_steps=4, learning_rate=1e-3, optimizer="cpu_adam",
-                 offload_params=True)
+                 offload_params=True, packing=False)  # the padded layout, as plain_run
     result, rows, out = train(cfg, pairs_dir, tmp_path, "offload")
     assert result["steps_done"] == 4
     curves = {"plain": plain_run[0], "offload": [r["loss"] for r in rows]}

@@ -110,11 +110,12 @@ def one_worker_curve(uneven_pairs, make_config, tmp_path_factory):
     return [m["loss"] for m in metrics]
 
 
-@pytest.mark.parametrize("layout", [{}, {"packing": True}], ids=["padded", "packed"])
+@pytest.mark.parametrize("layout", [{"packing": False}, {}], ids=["padded", "packed-shared"])
 def test_ranks_with_different_batches_train_like_one_worker(uneven_pairs, one_worker_curve,
                                                             make_config, tmp_path, layout):
-    """Padded and packed (a rank with long pairs packs more rows) layouts: the same losses
-    as one worker (packing is exact, so one curve serves both)."""
+    """Padded and the default layout (packed rows with a shared prompt: a rank with long
+    pairs packs more rows): the same losses as one worker (both are exact, so one curve
+    serves both)."""
     data, ordered, rows = uneven_pairs
     shapes = [rank_shapes(ordered, rows, s) for s in range(STEPS)]
     print(f"(response tokens, chunks) per rank and step: {shapes}")

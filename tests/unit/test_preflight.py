@@ -146,10 +146,19 @@ def test_secrets_in_the_environment_are_never_printed(world, capsys, monkeypatch
 
 def test_share_prompt_needs_packing_and_not_flash():
     with pytest.raises(ValueError, match="share_prompt needs train.packing"):
-        config(train={"share_prompt": True})
+        config(train={"share_prompt": True, "packing": False})
     with pytest.raises(ValueError, match="cannot use attention: flash"):
         config(train={"share_prompt": True, "packing": True, "attention": "flash"})
     assert config(train={"share_prompt": True, "packing": True}).train.attention == "auto"
+
+
+def test_packing_and_a_shared_prompt_are_the_default_where_they_can_run():
+    """Both are exact, so a user gets the fastest layout unless the kernel cannot share."""
+    t = config().train
+    assert (t.packing, t.share_prompt) == (True, True)
+    assert config(train={"packing": False}).train.share_prompt is False
+    assert config(train={"attention": "flash"}).train.share_prompt is False
+    assert config(train={"share_prompt": False}).train.share_prompt is False
 
 
 def test_run_dir_and_cache_become_absolute_even_before_they_exist(tmp_path, monkeypatch):
