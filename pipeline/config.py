@@ -119,7 +119,12 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, ge=0)
     gpus_per_worker: float = Field(0, ge=0)
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto", description="DeepSpeed ZeRO stage. auto: decided on the workers before the"
+        " model loads: 0 (plain data parallel, no per-module gathers) when training in fp32"
+        " and the replicated training state (weights, gradients, Adam moments: 16 bytes a"
+        " parameter) takes at most a quarter of each worker's memory; 3 otherwise, and always"
+        " with cpu_adam or offload_params (workers.recipe.options.auto_zero_stage).")
     micro_batch_size: int = Field(4, ge=1, description="Pairs per worker per forward.")
     global_batch_size: int = Field(16, ge=1, description="Pairs per optimizer step, all workers.")
     learning_rate: float = Field(5e-6, gt=0)
@@ -191,6 +196,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainConfig:
+        if self.zero_stage == "auto":  # auto takes 3 whenever either is on
+            return self
         if self.optimizer == "cpu_adam" and self.zero_stage == 0:
             raise ValueError("train.optimizer: cpu_adam offloads the ZeRO optimizer partitions:"
                              " it needs zero_stage 1, 2 or 3")

@@ -92,7 +92,9 @@ def stage_plans(cfg: RunConfig) -> list[StagePlan]:
                    + (", sample)" if cfg.rounds.mode != "offline" else ")"), cfg.sampling,
                    resident=True),
         StagePlan("prepare", "Ray Data read/validate/tokenize tasks", 1, 1, 0, is_ray_data=True),
-        StagePlan("train", f"Ray Train workers, DeepSpeed ZeRO-{t.zero_stage}, for the run",
+        StagePlan("train", "Ray Train workers, DeepSpeed "
+                  + ("ZeRO auto (0 or 3, decided on the workers)" if t.zero_stage == "auto"
+                     else f"ZeRO-{t.zero_stage}") + ", for the run",
                   t.num_workers, t.cpus_per_worker, t.gpus_per_worker, dict(t.resources),
                   t.placement_strategy, resident=True),
     ]

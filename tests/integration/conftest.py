@@ -65,8 +65,10 @@ def make_config(toy_world):
                      "chat_template": "always", "max_prompt_tokens": 64,
                      "max_response_tokens": 64},
             "loss": {"name": "principled", "params": {"beta": 0.1}},
-            "train": {"num_workers": 2, "micro_batch_size": 4, "global_batch_size": 16,
-                      "learning_rate": 1e-4, "precision": "fp32"},
+            # ZeRO-3 pinned: the suite proves the partitioned layout (auto would pick ZeRO-0
+            # for the toy model; test_train has the test of auto)
+            "train": {"num_workers": 2, "zero_stage": 3, "micro_batch_size": 4,
+                      "global_batch_size": 16, "learning_rate": 1e-4, "precision": "fp32"},
             "reference": {"batch_size": 64, "cache_dir": str(toy_world.root / "ref-cache"),
                           "engine": {"dtype": "float32", "max_model_len": 256}},
             "sampling": {"batch_size": 64, "max_tokens": 32,

@@ -306,6 +306,23 @@ def plain_run(pairs_dir, make_config, tmp_path_factory):
     return [r["loss"] for r in rows], load_file(out / "model" / "model.safetensors")
 
 
+def test_auto_zero_stage_replicates_a_small_model_and_takes_zero3s_steps(
+        pairs_dir, plain_run, make_config, tmp_path):
+    """train.zero_stage: auto for the toy model in fp32 (a few MB of training state): the
+    workers decide ZeRO-0, say so on their trainer_start row, and take ZeRO-3's steps."""
+    cfg = config(make_config, tmp_path, max_steps=4, learning_rate=1e-3, packing=False,
+                 zero_stage="auto")
+    result, rows, _ = train(cfg, pairs_dir, tmp_path, "auto")
+    assert result["steps_done"] == 4
+    starts = [r for r in read_rows(tmp_path / "auto-metrics.jsonl", "lifecycle")
+              if r["event"] == "trainer_start"]
+    assert [r["zero_stage"] for r in starts] == [0]
+    curves = {"zero3": plain_run[0], "auto": [r["loss"] for r in rows]}
+    print(f"loss curves: {curves}")
+    for a, b in zip(curves["zero3"], curves["auto"], strict=True):
+        assert abs(a - b) < 1e-4
+
+
 def test_packed_shared_prompt_training_matches_padded(pairs_dir, plain_run, make_config, tmp_path):
     """The Ray Train workers' packed, shared-prompt step (train.packing, train.share_prompt)
     follows the padded step's loss curve: same pairs, same updates."""

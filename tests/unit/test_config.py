@@ -47,7 +47,7 @@ def test_defaults_resolve():
     cfg = parse_config(MINIMAL)
     assert cfg.model.trust_remote_code is False
     assert cfg.model.reference_path == "m" and cfg.model.tokenizer_path == "m"
-    assert cfg.loss.name == "principled" and cfg.train.zero_stage == 3
+    assert cfg.loss.name == "principled" and cfg.train.zero_stage == "auto"
     assert cfg.ray.dashboard_host == "127.0.0.1"
     assert cfg.train.grad_accum_steps == 16 // (4 * 2)
 

@@ -20,6 +20,6 @@ def test_counts_this_sessions_events_only():
 def test_scorer_actors_are_counted_when_the_reward_has_them():
     rows = [{"kind": "lifecycle", "time": 1.0, "event": "scorer_start", "pool": "judge",
              "actors": 2, "seconds": 9.0},
-            {"kind": "lifecycle", "time": 2.0, "event": "trainer_start"}]
+            {"kind": "lifecycle", "time": 2.0, "event": "trainer_start", "zero_stage": 0}]
     assert lifecycle_line(rows) == ("engines: 0 started, 0 weight updates (0.00 s);"
-                                    " trainer: 1 start; scorers: 2 started")
+                                    " trainer: 1 start (ZeRO-0); scorers: 2 started")

@@ -117,3 +117,30 @@ def test_build_optimizer_follows_the_config():
     assert type(opt) is torch.optim.AdamW
     group = opt.param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.01)
+
+
+def test_auto_zero_stage_replicates_only_what_fits_in_fp32_without_offload():
+    from workers.recipe.options import STATE_BYTES_PER_PARAMETER, auto_zero_stage
+
+    gib = 2**30
+    auto = loop_config(zero_stage="auto")
+    fits = int(0.25 * 80 * gib / STATE_BYTES_PER_PARAMETER)  # a quarter of an 80 GiB device
+    assert auto_zero_stage(auto, fits, 80 * gib) == 0
+    assert auto_zero_stage(auto, fits + 1, 80 * gib) == 3
+    assert auto_zero_stage(auto, 7 * 10**9, 80 * gib) == 3  # a 7B policy: 112 GB of state
+    for memory_saving in ({"bf16": True}, {"optimizer": "cpu_adam"}, {"offload_params": True}):
+        assert auto_zero_stage(loop_config(zero_stage="auto", **memory_saving), 10, gib) == 3
+    assert auto_zero_stage(loop_config(zero_stage=2), 10, gib) == 2  # a given stage stays
+
+
+def test_parameter_count_reads_safetensors_headers(tmp_path):
+    """Counted from the headers, a tied head once, across shards; no weights loaded."""
+    import torch
+    from safetensors.torch import save_file
+
+    from workers.recipe.recipe import parameter_count
+
+    save_file({"embed": torch.zeros(10, 4), "norm": torch.zeros(4)},
+              str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"layer": torch.zeros(3, 4, 2)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert parameter_count(str(tmp_path)) == 40 + 4 + 24

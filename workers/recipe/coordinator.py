@@ -51,15 +51,16 @@ class RoundCoordinator:
     def stop(self) -> None:
         self.stopped = True
 
-    def started(self, workers: int, setup_s: float) -> int:
-        """Rank 0 of a worker group is ready to train (model loaded, DeepSpeed built): record
-        the start as a `lifecycle` row. The first start counts from the fit's launch (the
-        group's placement, processes and process group too); a restart from its workers'
-        entry into the training function."""
+    def started(self, workers: int, setup_s: float, zero_stage: int) -> int:
+        """Rank 0 of a worker group is ready to train (model loaded, DeepSpeed built, at ZeRO
+        stage `zero_stage`): record the start as a `lifecycle` row. The first start counts
+        from the fit's launch (the group's placement, processes and process group too); a
+        restart from its workers' entry into the training function."""
         self.attempts += 1
         seconds = time.time() - self.launched_at if self.attempts == 1 else setup_s
         if self.sink is not None:
             self.sink.log.remote("lifecycle", {"event": "trainer_start", "workers": workers,
+                                               "zero_stage": zero_stage,
                                                "seconds": round(seconds, 3),
                                                "attempt": self.attempts})
         return self.attempts

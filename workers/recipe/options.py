@@ -19,7 +19,7 @@ class TrainLoopConfig:
     tokenizer_path: str
     loss_name: str
     loss_params: dict[str, Any]
-    zero_stage: int
+    zero_stage: int | str  # 0-3, or 'auto' until the workers resolve it (auto_zero_stage)
     micro_batch_size: int
     grad_accum_steps: int
     epochs: int
@@ -76,6 +76,26 @@ class RoundJob:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}  # no deep copy
+
+
+STATE_BYTES_PER_PARAMETER = 16  # fp32 weights + gradients + Adam's two moments
+AUTO_REPLICA_SHARE = 0.25  # auto: replicate when the state takes at most this much memory
+
+
+def auto_zero_stage(cfg: TrainLoopConfig, parameters: int, worker_memory: int) -> int:
+    """train.zero_stage 'auto': ZeRO-0 (plain data parallel: no per-module parameter gathers,
+    no gradient partitioning; the step is the same) when training in fp32 without offload
+    and the replicated training state takes at most AUTO_REPLICA_SHARE of the smallest
+    worker's memory (the rest is for activations); ZeRO-3 otherwise. `parameters` is the
+    policy's parameter count, `worker_memory` the smallest worker's device memory in bytes.
+    (bf16 keeps ZeRO-3: its fp32-master handling between rounds is ZeRO-3's, see
+    DPORecipe.begin_round.) Any other value is returned as given."""
+    if cfg.zero_stage != "auto":
+        return int(cfg.zero_stage)
+    if cfg.bf16 or cfg.optimizer == "cpu_adam" or cfg.offload_params:
+        return 3
+    fits = STATE_BYTES_PER_PARAMETER * parameters <= AUTO_REPLICA_SHARE * worker_memory
+    return 0 if fits else 3
 
 
 def deepspeed_config(cfg: TrainLoopConfig, hidden_size: int | None = None) -> dict[str, Any]:

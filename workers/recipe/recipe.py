@@ -10,10 +10,12 @@ schedule from the weights it holds, or the state of this round's checkpoint), `t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from workers.recipe.options import (
     RoundJob,
     TrainLoopConfig,
     attn_implementation,
+    auto_zero_stage,
     build_optimizer,
     deepspeed_config,
     lr_lambda,
@@ -50,6 +53,52 @@ def _hidden_size(cfg: TrainLoopConfig, policy_path: str) -> int | None:
 
     config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.trust_remote_code)
     return getattr(config, "hidden_size", None)
+
+
+def parameter_count(policy_path: str) -> int:
+    """The policy's parameters, from its safetensors headers (nothing loaded); without
+    safetensors files, a bound from the weight files' size (>= 2 bytes a parameter)."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    files = sorted(Path(policy_path).glob("*.safetensors"))
+    if not files:
+        return sum(f.stat().st_size for f in Path(policy_path).glob("*.bin")) // 2
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            total += sum(prod(handle.get_slice(k).get_shape()) for k in handle.keys())  # noqa: SIM118 (not a dict)
+    return total
+
+
+def worker_memory_bytes() -> int:
+    """This worker's device memory: its GPU's, or its share of the host's memory (the
+    cgroup limit where there is one) among the node's training workers."""
+    import ray.train
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(ray.train.torch.get_device()).total_memory
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        host = min(host, int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))
+    return host // max(1, ray.train.get_context().get_local_world_size())
+
+
+def resolve_zero_stage(cfg: TrainLoopConfig, policy_path: str) -> TrainLoopConfig:
+    """The loop options with train.zero_stage 'auto' decided (auto_zero_stage), on the
+    smallest worker's memory so that every rank decides the same."""
+    if cfg.zero_stage != "auto":
+        return cfg
+    import ray.train
+    import torch.distributed as dist
+
+    memory = torch.tensor([worker_memory_bytes()], dtype=torch.int64,
+                          device=ray.train.torch.get_device())
+    if dist.is_initialized():
+        dist.all_reduce(memory, op=dist.ReduceOp.MIN)
+    return replace(cfg, zero_stage=auto_zero_stage(cfg, parameter_count(policy_path),
+                                                   int(memory.item())))
 
 
 def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, Any]):
@@ -144,9 +193,9 @@ class DPORecipe:
         import deepspeed
         from transformers import AutoTokenizer
 
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
         self.progress(0, "load", self.setup_timeout)
+        cfg = self.cfg = resolve_zero_stage(self.cfg, policy_path)
+        torch.manual_seed(cfg.seed)
         ds_config = deepspeed_config(cfg, _hidden_size(cfg, policy_path))
         model, self._keep_alive = _load_policy(cfg, policy_path, ds_config)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path,
@@ -339,7 +388,8 @@ def _train_rounds(cfg: TrainLoopConfig, handles: dict[str, Any], watchdog: Watch
         if recipe.engine is None:
             recipe.setup(job.policy_path)
             if recipe.rank == 0:
-                coordinator.started.remote(recipe.world, time.time() - entered)
+                coordinator.started.remote(recipe.world, time.time() - entered,
+                                           recipe.cfg.zero_stage)
         resume = ckpt if checkpoint.resumes(ckpt, job.round_index, job.key) else None
         result = recipe.train_round(job, recipe.begin_round(job, resume))
         ckpt, after = None, job.round_index
