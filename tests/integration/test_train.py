@@ -253,6 +253,38 @@ def test_nonfinite_loss_is_skipped_and_counted(pairs_dir, make_config, tmp_path)
     assert all(bool(t.isfinite().all()) for t in weights.values())
 
 
+def test_a_step_the_data_cannot_fill_is_finished_and_the_next_round_aligns(
+        pairs_dir, make_config, tmp_path):
+    """Gradient accumulation 2 and a skipped (inf-loss) micro-batch in round 0: its data runs
+    out in the middle of its last step. That step is taken from the micro-batch it had, and
+    round 1 on the same trainer takes the same steps as a fresh fit from round 0's export.
+    (DeepSpeed counts micro-steps across rounds: a half-accumulated step would leak into
+    round 1's first step and shift every step boundary of that round.)"""
+    from safetensors.torch import load_file
+
+    first, second = halves(pairs_dir, tmp_path)  # 32 pairs each: 4 steps of 8 pairs
+    poisoned, _ = poison(first, tmp_path, positions=[5])  # in the second micro-batch
+    cfg = config(make_config, tmp_path, global_batch_size=8, learning_rate=1e-3,
+                 on_nonfinite="skip")
+    assert cfg.train.grad_accum_steps == 2
+    results, path, outs = train_rounds(cfg, [poisoned, second], tmp_path, "one-fit")
+    assert results[0]["nonfinite_skipped"] == 1
+    assert [r["steps_done"] for r in results] == [4, 4]
+    one_fit = [(r["round"], r["step"], r["loss"], r["lr"]) for r in read_rows(path)]
+    _, p, fresh_outs = train_rounds(cfg, [second], tmp_path, "fresh",
+                                    policy=str(outs[0] / "model"))
+    fresh = [(1, r["step"], r["loss"], r["lr"]) for r in read_rows(p)]
+    print(f"round 1, one fit: {one_fit[4:]}\nround 1, fresh fit: {fresh}")
+    assert [x[:2] for x in one_fit[4:]] == [x[:2] for x in fresh] == [(1, s) for s in (1, 2, 3, 4)]
+    for a, b in zip(one_fit[4:], fresh, strict=True):
+        assert abs(a[2] - b[2]) < 1e-5 and math.isclose(a[3], b[3]), (a, b)
+    mine = load_file(outs[1] / "model" / "model.safetensors")
+    theirs = load_file(fresh_outs[0] / "model" / "model.safetensors")
+    gap = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
+    print(f"round-1 weights: max gap {gap:.2e}")
+    assert gap < 1e-5
+
+
 def test_nonfinite_loss_stops_with_the_batch_ids(pairs_dir, make_config, tmp_path):
     from pipeline.stages.train import NonFiniteStop
 

@@ -11,7 +11,9 @@ schedule from the weights it holds, or the state of this round's checkpoint), `t
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import itertools
 import os
 import time
 import traceback
@@ -243,34 +245,55 @@ class DPORecipe:
         guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, skipped=state.skipped)
         mb = cfg.micro_batch_size
         micro, t_step, tokens, acc, step_ids = 0, time.perf_counter(), 0, {}, []
+        last_good, last_epoch, ran_out, real = None, 0, False, 0  # real: this step's batches
         self.progress(state.step + 1, "data")  # marks name the optimizer step being worked on
-        for cursor, epoch, rows in global_micro_batches(job.dataset, mb * world, cfg.epochs,
-                                                        state.cursor):
+        batches = global_micro_batches(job.dataset, mb * world, cfg.epochs, state.cursor)
+        for cursor, epoch, rows in itertools.chain(batches, itertools.repeat((None, None, None))):
             if state.step >= job.optimizer_steps or guard.stop_reason:
                 break
-            state.cursor = cursor + 1
-            inject_stall(rank, state.step + 1)
-            ids = [str(i) for i in rows["id"]]
-            mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()}
-            pairs = rows_to_pairs(mine, self.pad_id, self.packing, share_prompt=cfg.share_prompt,
-                                  row_tokens=cfg.pack_row_tokens)
-            pairs.batch = pairs.batch.to(device)
-            self.progress(state.step + 1, "forward")
-            loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params, state.running)
-            loss = inject_nan_gradient(loss, state.step + 1, rank)  # a no-op unless a test sets it
-            self.progress(state.step + 1, "loss check")
-            if not all_ranks(bool(torch.isfinite(loss.detach())), device):
-                guard.record("loss", state.step + 1, ids)
-                continue  # no backward, no step: the next micro-batch takes this one's place
-            self.progress(state.step + 1, "backward")
-            engine.backward(loss)
-            self.progress(state.step + 1, "optimizer step")
-            engine.step()
-            micro += 1
-            step_ids += ids
-            tokens += pair_tokens(mine)
-            for k, v in {"loss": float(loss.detach()), **out.metrics}.items():
-                acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum_steps
+            if rows is None:  # the data ran out (skipped batches took the slack)
+                ran_out, epoch = True, last_epoch
+                if micro % cfg.grad_accum_steps == 0:
+                    break
+                # Mid-step: DeepSpeed counts micro-steps across rounds, so a half-accumulated
+                # step would leak into the next round's first step and shift its step
+                # boundaries. Finish it with zero-weight micro-steps (the last finite batch
+                # again, loss x 0, on every rank alike): the step is taken from the micro-
+                # batches it had, as if the skipped ones had no gradient.
+                self.progress(state.step + 1, "forward")
+                loss, _ = pair_loss(engine, last_good, cfg.loss_name, cfg.loss_params,
+                                    copy.deepcopy(state.running))
+                self.progress(state.step + 1, "backward")
+                engine.backward(loss * 0.0)
+                self.progress(state.step + 1, "optimizer step")
+                engine.step()
+                micro += 1
+            else:
+                state.cursor, last_epoch = cursor + 1, epoch
+                inject_stall(rank, state.step + 1)
+                ids = [str(i) for i in rows["id"]]
+                mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()}
+                pairs = rows_to_pairs(mine, self.pad_id, self.packing,
+                                      share_prompt=cfg.share_prompt, row_tokens=cfg.pack_row_tokens)
+                pairs.batch = pairs.batch.to(device)
+                self.progress(state.step + 1, "forward")
+                loss, out = pair_loss(engine, pairs, cfg.loss_name, cfg.loss_params, state.running)
+                loss = inject_nan_gradient(loss, state.step + 1, rank)  # no-op unless a test sets it
+                self.progress(state.step + 1, "loss check")
+                if not all_ranks(bool(torch.isfinite(loss.detach())), device):
+                    guard.record("loss", state.step + 1, ids)
+                    continue  # no backward, no step: the next micro-batch takes this one's place
+                last_good = pairs
+                self.progress(state.step + 1, "backward")
+                engine.backward(loss)
+                self.progress(state.step + 1, "optimizer step")
+                engine.step()
+                micro += 1
+                step_ids += ids
+                tokens += pair_tokens(mine)
+                real += 1
+                for k, v in {"loss": float(loss.detach()), **out.metrics}.items():
+                    acc[k] = acc.get(k, 0.0) + v
             self.progress(state.step + 1, "data")
             if micro % cfg.grad_accum_steps:
                 continue
@@ -278,8 +301,8 @@ class DPORecipe:
             if getattr(engine.optimizer, "overflow", False):  # DeepSpeed skipped a NaN/inf update
                 guard.record("gradient", state.step, step_ids)
             elapsed = time.perf_counter() - t_step
-            acc.update({"tokens_per_s": tokens / elapsed,
-                        "pairs_per_s": mb * cfg.grad_accum_steps / elapsed})
+            acc = {k: v / real for k, v in acc.items()}  # means over the step's real batches
+            acc.update({"tokens_per_s": tokens / elapsed, "pairs_per_s": mb * real / elapsed})
             self.progress(state.step, "metrics")
             metrics = _mean_across_ranks(acc)
             metrics["tokens_per_s"] *= world  # throughput of the whole group
@@ -298,7 +321,7 @@ class DPORecipe:
                 self.save(job, state, metrics, guard)
             # Per-step metrics go to the sink only: a Ray Train report is a barrier that waits
             # for the controller's poll (~2 s), so reporting every step would cap the step rate.
-            acc, tokens, step_ids, t_step = {}, 0, [], time.perf_counter()
+            acc, tokens, step_ids, real, t_step = {}, 0, [], 0, time.perf_counter()
             self.progress(state.step + 1, "data")
         self.progress(state.step, "export")
         if not guard.stop_reason and not all_ranks(local_weights_finite(engine.module), device):
@@ -309,7 +332,7 @@ class DPORecipe:
         self.export(Path(job.out_dir) / "model")
         return {"step": state.step, "nonfinite_skipped": guard.skipped,
                 "running_mean": state.running.mean,
-                "data_exhausted": state.step < job.optimizer_steps}
+                "data_exhausted": ran_out}
 
     def save(self, job: RoundJob, state: LoopState, metrics: dict[str, Any],
              guard: NonFiniteGuard) -> None:
