@@ -78,6 +78,7 @@ def worker_memory_bytes() -> int:
     """This worker's device memory: its GPU's, or its share of the host's memory (the
     cgroup limit where there is one) among the node's training workers."""
     import ray.train
+    import ray.train.torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(ray.train.torch.get_device()).total_memory
@@ -92,7 +93,7 @@ def resolve_zero_stage(cfg: TrainLoopConfig, policy_path: str) -> TrainLoopConfi
     smallest worker's memory so that every rank decides the same."""
     if cfg.zero_stage != "auto":
         return cfg
-    import ray.train
+    import ray.train.torch
     import torch.distributed as dist
 
     memory = torch.tensor([worker_memory_bytes()], dtype=torch.int64,
