@@ -30,7 +30,7 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
     """The effective config (defaults resolved) and placement plan as text, and the problems."""
-    from pipeline.plan import check_plan, format_plan, stage_plans
+    from pipeline.plan import check_plan, format_plan, lora_plan, stage_plans
 
     effective = cfg.model_dump(mode="json")
     effective["model"]["reference"] = cfg.model.reference_path
@@ -43,6 +43,8 @@ def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
     if have is not None:
         parts.append(format_plan(plans, have))
         problems += check_plan(plans, have)
+    if lora := lora_plan(cfg):
+        parts += ["", *lora]
     problems += check_paths(cfg)
     parts += ["", "problems:" if problems else "no problems found."]
     parts += [f"  - {p}" for p in problems]

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -44,6 +52,32 @@ def _custom_resources(value: dict[str, float]) -> dict[str, float]:
 CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
+class LoraConfig(_Section):
+    """LoRA (peft): the policy trains low-rank adapters on the base's linear layers, the base
+    stays frozen and is the reference (workers.lora)."""
+
+    r: int = Field(16, ge=1, le=512, description="Adapter rank (vLLM serves ranks up to 512).")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is alpha/r·B·A"
+                         " (alpha/√r with use_rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (the"
+                           " base model's own dropout is off in preference training).")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Names of the linear layers that get adapters (e.g. [q_proj,"
+        " v_proj]), or all-linear: every linear layer but the LM head.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/√r.")
+    shared_engine: bool = Field(
+        True, description="One vLLM engine pool serves both the reference (the base, no"
+        " adapter) and the policy (the round's adapter, loaded in place): no second engine."
+        " false: a reference pool of its own (needed when model.reference is another model).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: Any) -> Any:
+        if not value:
+            raise ValueError("empty: name linear layers, or all-linear")
+        return value
+
+
 class ModelConfig(_Section):
     policy: str = Field(description="HF model directory (or hub id) of the initial policy.")
     reference: str | None = Field(None, description="Reference model; defaults to the policy.")
@@ -52,6 +86,8 @@ class ModelConfig(_Section):
     allow_pickle_weights: bool = Field(
         False, description="Accept .bin/.pt (pickle) checkpoints; safetensors only otherwise."
     )
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters instead of every weight (null: full fine-tuning).")
 
     @property
     def reference_path(self) -> str:
@@ -221,6 +257,11 @@ class TrainConfig(_Section):
     @property
     def grad_accum_steps(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    @property
+    def bf16(self) -> bool:
+        """Train in bf16: precision bf16, or auto on GPU workers."""
+        return self.precision == "bf16" or (self.precision == "auto" and self.gpus_per_worker > 0)
 
 
 class EngineConfig(_Section):
@@ -408,6 +449,13 @@ class RunConfig(_Section):
                 if fmt != "safetensors":
                     raise ValueError(f"{key}.engine.extra.load_format '{fmt}' may load pickle"
                                      " weights: set model.allow_pickle_weights: true to allow it")
+        lora = self.model.lora
+        if lora is not None and lora.shared_engine and self.model.reference not in (
+                None, self.model.policy):
+            raise ValueError("model.lora.shared_engine: one engine serves the reference as the"
+                             f" base model (model.policy), but model.reference is another model"
+                             f" ({self.model.reference}): unset model.reference, or set"
+                             " model.lora.shared_engine: false (a reference pool of its own)")
         if self.rounds.mode == "offline" and self.rounds.count > 1:
             raise ValueError("rounds.mode 'offline' with rounds.count > 1 would retrain on the"
                              " same pairs; use mode 'iterative' or 'online'")
@@ -678,8 +726,29 @@ def check_paths(cfg: RunConfig) -> list[str]:
                            ("model.reference", cfg.model.reference_path),
                            ("reward.model", cfg.reward.model if cfg.reward else None)):
             problems += _pickle_only(key, value)
+    problems += lora_problems(cfg)
     problems += run_dir_problems(cfg.run_dir, cfg.min_free_gib)
     return problems
+
+
+def lora_problems(cfg: RunConfig) -> list[str]:
+    """model.lora against the policy's files (built on the meta device, nothing loaded):
+    targets that are absent or not linear layers, a rank larger than a layer."""
+    from workers.lora import inspect, is_adapter
+
+    policy = cfg.model.policy
+    if cfg.model.lora is None:
+        return []
+    if is_adapter(policy):
+        return [(f"model.policy: {policy} is a LoRA adapter; give its base model (model.lora"
+                 " trains new adapters on it)")]
+    if not (Path(policy) / "config.json").is_file():
+        return []  # a policy path check_paths already reports (or a hub id)
+    try:
+        inspect(policy, cfg.model.lora.model_dump(), cfg.model.trust_remote_code)
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

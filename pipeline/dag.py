@@ -182,6 +182,7 @@ def _train_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     return {"reference": r.done["reference"].key, "policy": r.policy_key(),
             "train": cfg.train.model_dump(exclude=set(TrainConfig.SCHEDULING_ONLY)),
+            "lora": cfg.model.lora.model_dump(exclude={"shared_engine"}) if cfg.model.lora else None,
             "loss": cfg.loss.model_dump(),
             "curriculum": cfg.rounds.curriculum and r.sampled}
 
@@ -514,7 +515,11 @@ def print_summary(rounds: list[Round], run_dir: Path, plots: list[Path], info: d
         console.print(f"started:    {lifecycle_line(read_metrics(run_dir / 'metrics.jsonl'), since)}",
                       highlight=False)
     last = rounds[-1]
-    console.print(f"checkpoint: {last.stage_path('train', 'model_dir')}")
+    if last.has("train", "merged_dir"):  # LoRA: the adapter, and the model it merges into
+        console.print(f"adapter:    {last.stage_path('train', 'model_dir')}")
+        console.print(f"checkpoint: {last.stage_path('train', 'merged_dir')} (merged)")
+    else:
+        console.print(f"checkpoint: {last.stage_path('train', 'model_dir')}")
     console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
     if plots:
         console.print(f"plots:      {', '.join(str(p) for p in plots)}")

@@ -11,6 +11,12 @@ and, with `rounds.reference: previous`, the reference pool moves between the pre
 round's policy (reference stage) and the initial model (evaluation). A request for weights
 of another architecture than a pool's gets a pool of its own.
 
+With `model.lora` the engines start on the base with LoRA serving on, and the rounds' policies
+are adapters: a request for an adapter loads it into the role's slot of the pool (in place,
+`workers.vllm_pool.Engine.load_adapter`) and runs with it, a request for the base runs
+without one. With `model.lora.shared_engine` both roles use the policy pool: one engine
+serves the reference (the base) and the policy (the round's adapter).
+
 Engine actors are restarted by Ray when they die (`ENGINE_RESTARTS`), the call in flight is
 retried, and the restarted engine reloads the weights the call names; each start and each
 weight update is a `lifecycle` row in metrics.jsonl.
@@ -19,12 +25,13 @@ weight update is a `lifecycle` row in metrics.jsonl.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from pipeline.config import ActorPoolConfig, PoolConfig, RunConfig
 from pipeline.manifest import stable_hash
+from workers.lora import base_of, is_adapter, vllm_max_rank
 from workers.vllm_pool import (
     ENGINE_RESTARTS,
     EngineClient,
@@ -35,6 +42,7 @@ from workers.vllm_pool import (
 )
 
 ROLES = {"policy": "sampling", "reference": "reference"}  # role → its pool's config section
+ADAPTER_SLOT = {"policy": 1, "reference": 2}  # role → the LoRA slot its adapters load into
 # config.json keys that do not change the architecture (a pool serves any weights that share the rest)
 NOT_ARCHITECTURE = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version",
                     "use_cache"}
@@ -54,6 +62,7 @@ class _Pool:
     weights_path: str
     weights: str  # weights_id of what every engine of the pool serves
     version: int
+    adapters: dict[int, str] = field(default_factory=dict)  # LoRA slot → weights_id loaded
 
 
 class Engines:
@@ -68,20 +77,30 @@ class Engines:
         self.pools: dict[tuple[str, str], _Pool] = {}
 
     def client(self, role: str, weights_path: str) -> EngineClient:
-        """A client of `role`'s pool serving the weights at `weights_path` (the pool is
-        started, or loads them in place, first)."""
-        key = (role, architecture(weights_path))
+        """A client of `role`'s pool serving the weights at `weights_path`, full weights or
+        a LoRA adapter (the pool is started, or loads them in place, first)."""
+        base = base_of(weights_path)
+        key = (self.pool_role(role), architecture(base))
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = self._start(role, weights_path)
-        wanted = weights_id(weights_path)
-        if pool.weights != wanted:
+            pool = self.pools[key] = self._start(self.pool_role(role), base)
+        wanted, slot = weights_id(weights_path), None
+        if is_adapter(weights_path):
+            slot = ADAPTER_SLOT[role]
+            if pool.adapters.get(slot) != wanted:
+                self._update(pool, weights_path, wanted, slot)
+        elif pool.weights != wanted:
             self._update(pool, weights_path, wanted)
-        return EngineClient(tuple(pool.actors), pool.weights_path, pool.weights, pool.version,
-                            pool.name, call_wait_s(pool.config.engine.call_timeout_s))
+        return EngineClient(tuple(pool.actors), weights_path, wanted, pool.version, pool.name,
+                            call_wait_s(pool.config.engine.call_timeout_s), slot)
+
+    def pool_role(self, role: str) -> str:
+        """The pool serving `role`: its own, or with a shared LoRA engine the policy's."""
+        lora = self.cfg.model.lora
+        return "policy" if lora is not None and lora.shared_engine else role
 
     def pool_config(self, role: str) -> PoolConfig:
-        return getattr(self.cfg, ROLES[role])
+        return getattr(self.cfg, ROLES[self.pool_role(role)])
 
     def _start(self, role: str, weights_path: str) -> _Pool:
         import ray
@@ -92,20 +111,31 @@ class Engines:
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
             resources=dict(config.resources) or None, max_restarts=ENGINE_RESTARTS,
             max_task_retries=ENGINE_RESTARTS)
+        lora = self.cfg.model.lora
         actors = [remote.remote(weights_path, config.engine.model_dump(),
                                 self.cfg.model.trust_remote_code, self.cfg.sampling.seed,
-                                f"{name}-{i}", self.sink)
+                                f"{name}-{i}", self.sink,
+                                max_lora_rank=vllm_max_rank(lora.r) if lora else None)
                   for i in range(config.num_actors)]
         get_within([a.ready.remote() for a in actors], start_wait_s(config.engine.call_timeout_s),
                    f"starting the {name} engines ({weights_path})")
         return _Pool(name, config, actors, weights_path, weights_id(weights_path), 0)
 
-    def _update(self, pool: _Pool, weights_path: str, wanted: str) -> None:
+    def _update(self, pool: _Pool, weights_path: str, wanted: str, slot: int | None = None
+                ) -> None:
+        """Load the weights at `weights_path` into every engine of `pool` (an adapter into
+        LoRA slot `slot`), in place: a new version."""
         version = pool.version + 1
-        get_within([a.update_weights.remote(weights_path, version) for a in pool.actors],
-                   start_wait_s(pool.config.engine.call_timeout_s),
+        calls = ([a.update_weights.remote(weights_path, version) for a in pool.actors]
+                 if slot is None else
+                 [a.load_adapter.remote(slot, weights_path, version) for a in pool.actors])
+        get_within(calls, start_wait_s(pool.config.engine.call_timeout_s),
                    f"loading {weights_path} into the {pool.name} engines")
-        pool.weights_path, pool.weights, pool.version = weights_path, wanted, version
+        pool.version = version
+        if slot is None:
+            pool.weights_path, pool.weights = weights_path, wanted
+        else:
+            pool.adapters[slot] = wanted
 
     def close(self) -> None:
         import ray

@@ -84,13 +84,21 @@ def _pool_plan(stage: str, what: str, pool: ActorPoolConfig, resident: bool = Fa
 
 
 def stage_plans(cfg: RunConfig) -> list[StagePlan]:
-    t = cfg.train
-    plans = [
+    t, lora = cfg.train, cfg.model.lora
+    shared = lora is not None and lora.shared_engine
+    uses = "evaluate" + (", sample" if cfg.rounds.mode != "offline" else "")
+    engines = [
+        _pool_plan("policy", f"vLLM engines with LoRA, for the run: the base as reference"
+                   f" (reference, evaluate) and the rounds' adapters as policy ({uses})",
+                   cfg.sampling, resident=True)
+    ] if shared else [
         _pool_plan("reference", "vLLM reference engines, for the run (reference, evaluate)",
                    cfg.reference, resident=True),
-        _pool_plan("policy", "vLLM policy engines, for the run (evaluate"
-                   + (", sample)" if cfg.rounds.mode != "offline" else ")"), cfg.sampling,
-                   resident=True),
+        _pool_plan("policy", f"vLLM policy engines{' with LoRA' if lora else ''}, for the run"
+                   f" ({uses})", cfg.sampling, resident=True),
+    ]
+    plans = [
+        *engines,
         StagePlan("prepare", "Ray Data read/validate/tokenize tasks", 1, 1, 0, is_ray_data=True),
         StagePlan("train", "Ray Train workers, DeepSpeed "
                   + ("ZeRO auto (0 or 3, decided on the workers)" if t.zero_stage == "auto"
@@ -99,11 +107,12 @@ def stage_plans(cfg: RunConfig) -> list[StagePlan]:
                   t.placement_strategy, resident=True),
     ]
     if cfg.rounds.mode != "offline":
+        at = len(engines) + 1  # after prepare
         if cfg.reward.kind == "function":
-            plans.insert(3, _pool_plan("score", "reward function tasks", cfg.reward))
+            plans.insert(at, _pool_plan("score", "reward function tasks", cfg.reward))
         else:  # a reward model / judge: actors for the run (pipeline.scorers)
-            plans.insert(3, _pool_plan("score", f"{cfg.reward.kind} scorer actors, for the run",
-                                       cfg.reward, resident=True))
+            plans.insert(at, _pool_plan("score", f"{cfg.reward.kind} scorer actors, for the run",
+                                        cfg.reward, resident=True))
     return plans
 
 
@@ -238,3 +247,35 @@ def format_plan(plans: list[StagePlan], have: Resources) -> str:
         shown = {k: v for k, v in node.items() if not k.startswith(_HIDDEN_PREFIXES)}
         lines.append(f"  node {i}: {_fmt(shown)}")
     return "\n".join(lines)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**28 else f"{n / 2**20:.3g} MiB"
+
+
+def lora_plan(cfg: RunConfig) -> list[str]:
+    """With model.lora: trainable parameters, and the training state per worker (weights,
+    gradients, Adam moments; activations aside) next to full fine-tuning, replicated and
+    ZeRO-3-partitioned (`training_state_bytes`). Empty without LoRA or a local policy."""
+    from pathlib import Path
+
+    from workers.lora import inspect
+    from workers.recipe.options import training_state_bytes
+
+    lora, t = cfg.model.lora, cfg.train
+    if lora is None or not (Path(cfg.model.policy) / "config.json").is_file():
+        return []
+    try:
+        plan = inspect(cfg.model.policy, lora.model_dump(), cfg.model.trust_remote_code)
+    except ValueError:
+        return []  # check_paths reports it
+    base = plan.total - plan.trainable
+    rows = [("LoRA", training_state_bytes(plan.total, plan.trainable, t.bf16)),
+            ("full fine-tuning", training_state_bytes(base, None, t.bf16))]
+    lines = [(f"LoRA: {plan.trainable:,} trainable of {plan.total:,} parameters"
+              f" ({100 * plan.trainable / plan.total:.2f}%), adapters on {plan.layers} layers"
+              f" (rank {lora.r})"),
+             (f"training state per worker ({'bf16' if t.bf16 else 'fp32'}; weights, gradients,"
+              f" Adam; activations aside), replicated / ZeRO-3 over {t.num_workers} workers:")]
+    lines += [f"  {name:<17} {_gib(b)} / {_gib(b / t.num_workers)}" for name, b in rows]
+    return lines

@@ -8,6 +8,12 @@ Ray Data keeps feeding the engines while the engines outlive every stage. The UD
 callable objects, run as Ray Data tasks on Ray's pooled worker processes: a UDF actor
 would start a new process at every stage (~1 s each, several per round).
 
+LoRA (`model.lora`): engines start on the base with vLLM's LoRA support on, and a call may
+name an adapter directory instead of full weights: the engine serves it as a `LoRARequest`
+in a slot (`Engines` gives the policy and the reference a slot each), loaded in place when
+the slot's adapter changes. Calls that name the base run without an adapter, so one engine
+serves both the reference and the policy.
+
 Faults: an engine actor that dies (or that its watchdog ends: a call that never answers)
 is restarted by Ray, and the call that was in flight is retried on the new actor; every
 call names the weights it needs, so a restarted engine (back on the checkpoint it started
@@ -27,6 +33,7 @@ import pyarrow as pa
 
 START_TIMEOUT_FACTOR = 3  # an engine start (load, compile, KV cache) may take longer than a call
 ENGINE_RESTARTS = 3  # times Ray restarts a dead engine actor (and retries its in-flight call)
+ADAPTER_SLOTS = 2  # LoRA adapters an engine holds at once: the policy's and the reference's
 
 
 def start_wait_s(call_timeout_s: float) -> float:
@@ -73,9 +80,11 @@ class Engine:
     the actor and redoes its batch."""
 
     def __init__(self, model_path: str, engine: dict[str, Any], trust_remote_code: bool = False,
-                 seed: int = 0, pool: str = "", sink: Any = None):
+                 seed: int = 0, pool: str = "", sink: Any = None,
+                 max_lora_rank: int | None = None):
         """`pool` names the engine in reports and in the `lifecycle` rows it sends to the
-        run's MetricsSink `sink` (engine starts and weight updates)."""
+        run's MetricsSink `sink` (engine starts and weight updates). `max_lora_rank` (a value
+        vLLM accepts, workers.lora.vllm_max_rank) turns LoRA serving on."""
         from workers.watchdog import Watchdog
 
         t0 = time.perf_counter()
@@ -101,10 +110,13 @@ class Engine:
             kwargs["max_model_len"] = engine["max_model_len"]
         if _has_gpu():
             kwargs["gpu_memory_utilization"] = engine.get("gpu_memory_utilization", 0.85)
+        if max_lora_rank:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=ADAPTER_SLOTS)
         kwargs.update(engine.get("extra") or {})
         self.llm = LLM(**kwargs)
         self.version = 0  # the weight version served (0: the checkpoint it started from)
         self.weights = weights_id(model_path)
+        self.adapters: dict[int, str] = {}  # LoRA slot → weights_id of the adapter loaded there
         self.watchdog.timeout_s = timeout
         self.watchdog.idle()
         self._lifecycle("engine_start", seconds=time.perf_counter() - t0,
@@ -120,13 +132,37 @@ class Engine:
         return self.version
 
     def serve(self, weights_path: str, weights: str, version: int, method: str, *args: Any,
-              **kwargs: Any) -> Any:
+              slot: int | None = None, **kwargs: Any) -> Any:
         """Call `method` on the weights `weights` (a `weights_id`) of version `version`,
         loaded from `weights_path` first when the engine serves others (a restarted
-        engine is back on the checkpoint it started from)."""
-        if self.weights != weights:
-            self.update_weights(weights_path, version)
-        return getattr(self, method)(*args, **kwargs)
+        engine is back on the checkpoint it started from). With `slot`, `weights_path` is a
+        LoRA adapter on the engine's base, served from that slot (loaded first likewise)."""
+        if slot is None:
+            if self.weights != weights:
+                self.update_weights(weights_path, version)
+            return getattr(self, method)(*args, **kwargs)
+        if self.adapters.get(slot) != weights:
+            self.load_adapter(slot, weights_path, version)
+        return getattr(self, method)(*args, lora=_lora_request(slot, weights_path), **kwargs)
+
+    def load_adapter(self, slot: int, adapter_path: str, version: int) -> dict[str, Any]:
+        """Load the LoRA adapter at `adapter_path` into `slot`, in place of the one there
+        (vLLM's load_inplace: no restart, the base untouched); the prefix cache, whose keys
+        name the slot and path but not the adapter's weights, is reset. Returns {'version',
+        'bytes', 'seconds', 'adapter_slot'}, as update_weights does."""
+        t = time.perf_counter()
+        self.watchdog.progress(self.calls, "adapter update")
+        try:
+            self.llm.llm_engine.add_lora(_lora_request(slot, adapter_path, load_inplace=True))
+            self.llm.reset_prefix_cache()
+        finally:
+            self.watchdog.idle()
+        self.adapters[slot] = weights_id(adapter_path)
+        size = sum(f.stat().st_size for f in Path(adapter_path).glob("*.safetensors"))
+        update = {"version": version, "bytes": size, "seconds": time.perf_counter() - t,
+                  "adapter_slot": slot}
+        self._lifecycle("weight_update", **update)
+        return update
 
     def update_weights(self, weights_path: str, version: int) -> dict[str, Any]:
         """Load the HF safetensors checkpoint at `weights_path` into the running engine, in
@@ -151,17 +187,19 @@ class Engine:
         self._lifecycle("weight_update", **update)
         return update
 
-    def generate(self, prompts: list[Any], params: Any) -> list[Any]:
-        """`LLM.generate`, watched (see the class docstring)."""
+    def generate(self, prompts: list[Any], params: Any, lora: Any = None) -> list[Any]:
+        """`LLM.generate` (with the LoRA adapter `lora`, a LoRARequest, or none), watched
+        (see the class docstring)."""
         self.calls += 1
         self.watchdog.progress(self.calls, "generate")
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            return self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
         finally:
             self.watchdog.idle()
 
     def sequence_logprobs(self, prompts: Sequence[Sequence[int]],
-                          responses: Sequence[Sequence[int]]) -> list[list[float]]:
+                          responses: Sequence[Sequence[int]], lora: Any = None
+                          ) -> list[list[float]]:
         """Per-token log-probs of each response given its prompt (teacher forcing)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -169,7 +207,7 @@ class Engine:
         full = [_ints(p) + _ints(r) for p, r in zip(prompts, responses)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0,
                                 detokenize=False)  # only the numbers are read
-        outs = self.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params)
+        outs = self.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params, lora)
         result = []
         for out, ids, prompt in zip(outs, full, prompts):
             start = len(prompt)
@@ -177,8 +215,8 @@ class Engine:
         return result
 
     def sequence_collisions(self, prompts: Sequence[Sequence[int]],
-                            responses: Sequence[Sequence[int]], top_k: int = 20
-                            ) -> list[list[float]]:
+                            responses: Sequence[Sequence[int]], top_k: int = 20,
+                            lora: Any = None) -> list[list[float]]:
         """Per response token, log Σ_v p(v)² over the `top_k` most likely tokens and the
         actual one (vLLM returns no more): a lower bound of WPO's log Σ_v p(v)², exact when
         the rest of the vocabulary holds next to no mass."""
@@ -190,7 +228,7 @@ class Engine:
         full = [_ints(p) + _ints(r) for p, r in zip(prompts, responses)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0,
                                 detokenize=False)
-        outs = self.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params)
+        outs = self.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params, lora)
         result = []
         for out, ids, prompt in zip(outs, full, prompts):
             steps = out.prompt_logprobs[len(prompt):len(ids)]
@@ -199,7 +237,8 @@ class Engine:
         return result
 
     def sample(self, prompts: Sequence[Sequence[int]], n: int, temperature: float, top_p: float,
-               max_tokens: int, seed: int) -> list[list[tuple[list[int], float, str]]]:
+               max_tokens: int, seed: int, lora: Any = None
+               ) -> list[list[tuple[list[int], float, str]]]:
         """n samples per prompt: (token ids, summed log-prob, text)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -213,7 +252,8 @@ class Engine:
             .max_num_batched_tokens
         outs = []
         for chunk in token_budget_chunks(prompts, n, budget):
-            outs += self.generate([TokensPrompt(prompt_token_ids=_ints(p)) for p in chunk], params)
+            outs += self.generate([TokensPrompt(prompt_token_ids=_ints(p)) for p in chunk], params,
+                                  lora)
         result = []
         for out in outs:
             samples = []
@@ -222,6 +262,12 @@ class Engine:
                 samples.append((list(c.token_ids), float(logp), c.text))
             result.append(samples)
         return result
+
+
+def _lora_request(slot: int, adapter_path: str, load_inplace: bool = False) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"adapter-{slot}", slot, adapter_path, load_inplace=load_inplace)
 
 
 def _restarted() -> bool:
@@ -285,12 +331,13 @@ class EngineClient:
     version: int
     pool: str
     timeout_s: float
+    slot: int | None = None  # the LoRA slot serving `weights_path` (an adapter), or None
 
     def call(self, turn: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """`method` on engine `turn` mod the pool size, on this client's weights."""
         i = turn % len(self.actors)
         ref = self.actors[i].serve.remote(self.weights_path, self.weights, self.version, method,
-                                          *args, **kwargs)
+                                          *args, slot=self.slot, **kwargs)
         return get_within(ref, self.timeout_s, f"{self.pool} engine {i}: {method} (restarts"
                                                 " included)")
 

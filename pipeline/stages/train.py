@@ -92,16 +92,16 @@ def loop_config(cfg: RunConfig, env: dict[str, str], metrics_sink: Any = None, b
     from workers.recipe.options import TrainLoopConfig
 
     t = cfg.train
-    use_gpu = t.gpus_per_worker > 0
     same = {f.name: getattr(t, f.name) for f in fields(TrainLoopConfig) if hasattr(t, f.name)}
     return TrainLoopConfig(
         **same, tokenizer_path=cfg.model.tokenizer_path,
         loss_name=cfg.loss.name, loss_params=validate_loss(cfg.loss),
-        bf16=(t.precision == "bf16") or (t.precision == "auto" and use_gpu),
+        bf16=t.bf16,
         head_calls=head_calls(max(cfg.data.max_response_tokens, cfg.sampling.max_tokens),
                               t.micro_batch_size, t.logprob_chunk_size),
         trust_remote_code=cfg.model.trust_remote_code,
-        allow_pickle_weights=cfg.model.allow_pickle_weights, metrics_sink=metrics_sink,
+        allow_pickle_weights=cfg.model.allow_pickle_weights,
+        lora=cfg.model.lora.model_dump() if cfg.model.lora else None, metrics_sink=metrics_sink,
         progress_board=board, coordinator=coordinator, extra_env=env)
 
 
@@ -252,7 +252,7 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
               trainer: TrainerSession, shuffle: bool = True, round_index: int = 0,
               carry: bool = False, key: str = "train") -> dict[str, Any]:
     """Train on `data_dir` (parquet with ref columns) on the run's trainer; the workers write
-    the HF model to out_dir/model.
+    the HF model to out_dir/model (with LoRA also the adapter to out_dir/adapter).
 
     shuffle=False keeps a curriculum instead: pairs in decreasing reward gap (Curry-DPO).
     carry=True (sampled rounds): the pairs this round does not train on (all of them when
@@ -283,11 +283,16 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
         report.write_text(json.dumps(final, indent=2, default=str))
         raise NonFiniteStop(f"training stopped: {stopped}; the offending batches' pair ids"
                             f" are in {report}")
-    if not (out_dir / "model").is_dir():
-        raise RuntimeError(f"training finished without writing the model to {out_dir / 'model'}")
+    # with LoRA the round's policy is its adapter (what the engines and the next round
+    # load), and out_dir/model the merged model
+    exported = {"model_dir": "adapter", "merged_dir": "model"} if cfg.model.lora else \
+        {"model_dir": "model"}
+    for d in exported.values():
+        if not (out_dir / d).is_dir():
+            raise RuntimeError(f"training finished without writing {out_dir / d}")
     trained = min(steps, num_pairs // t.global_batch_size) * t.global_batch_size
     carried = carry_over(ds, trained, round_index, out_dir / "carry") if carry else 0
-    return {"model_dir": "model", "num_pairs": num_pairs, "optimizer_steps": steps,
+    return {**exported, "num_pairs": num_pairs, "optimizer_steps": steps,
             "trained_pairs": trained, "carried": carried,
             "steps_done": final.get("step"), "nonfinite_skipped": final.get("nonfinite_skipped", 0),
             "stalls_survived": [{k: v for k, v in x.items() if k != "stack"} for x in stalls],

@@ -99,6 +99,22 @@ def prepared_pairs(ray_cluster, make_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pairs_dir(prepared_pairs, tmp_path_factory):
+    """The prepared toy pairs with reference columns added (the same made-up value): what
+    the train stage reads, without a vLLM engine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(prepared_pairs)
+    n = table.num_rows
+    table = table.append_column("ref_chosen_logp", pa.array([-40.0] * n, pa.float64()))
+    table = table.append_column("ref_rejected_logp", pa.array([-40.0] * n, pa.float64()))
+    out = tmp_path_factory.mktemp("pairs-with-ref")
+    pq.write_table(table, out / "part-0.parquet")
+    return out
+
+
+@pytest.fixture(scope="session")
 def cli_round(make_config, tmp_path_factory):
     """One offline round of the quick toy world run by `rayalign run` in its own process (its
     own local Ray cluster), as a user runs it, with every tracker on: (config, run dir, console

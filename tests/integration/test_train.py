@@ -29,18 +29,6 @@ pytestmark = pytest.mark.integration
 GLOBAL_BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def pairs_dir(prepared_pairs, tmp_path_factory):
-    """The prepared toy pairs with reference columns added (the same made-up value)."""
-    table = pq.read_table(prepared_pairs)
-    n = table.num_rows
-    table = table.append_column("ref_chosen_logp", pa.array([-40.0] * n, pa.float64()))
-    table = table.append_column("ref_rejected_logp", pa.array([-40.0] * n, pa.float64()))
-    out = tmp_path_factory.mktemp("pairs-with-ref")
-    pq.write_table(table, out / "part-0.parquet")
-    return out
-
-
 def training_order(table: pa.Table, seed: int = 0) -> list[str]:
     from pipeline.stages.train import order_key
 

@@ -40,7 +40,7 @@ def train_rounds(cfg, datas, tmp_path, name="run", env=None, policy=None):
             results.append(run_train(data, policy, cfg, out, trainer, round_index=k,
                                      key=f"{name}-{k}"))
             outs.append(out)
-            policy = str(out / "model")
+            policy = str(out / results[-1]["model_dir"])  # with LoRA, the adapter
         ok = True
     finally:
         trainer.close(ok=ok)

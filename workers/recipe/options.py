@@ -39,6 +39,7 @@ class TrainLoopConfig:
     pack_row_tokens: int | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False  # else safetensors only
+    lora: dict[str, Any] | None = None  # pipeline.config.LoraConfig as a dict (workers.lora)
     logprob_chunk_size: int = 1024
     head_calls: int | None = None  # LM-head calls per forward, the same on every rank (logprobs)
     stall_timeout_s: float = 300.0  # no progress for this long ends the worker (watchdog)
@@ -82,19 +83,30 @@ STATE_BYTES_PER_PARAMETER = 16  # fp32 weights + gradients + Adam's two moments
 AUTO_REPLICA_SHARE = 0.25  # auto: replicate when the state takes at most this much memory
 
 
-def auto_zero_stage(cfg: TrainLoopConfig, parameters: int, worker_memory: int) -> int:
+def training_state_bytes(parameters: int, trainable: int | None = None, bf16: bool = False) -> int:
+    """Bytes of one replica of the training state (activations aside): a trainable parameter
+    STATE_BYTES_PER_PARAMETER (fp32 weight, gradient and Adam's two moments; or bf16 weight
+    and gradient with an fp32 master copy and moments), a frozen one (LoRA's base) only its
+    weight. `trainable` defaults to all of them (full fine-tuning)."""
+    trainable = parameters if trainable is None else trainable
+    return STATE_BYTES_PER_PARAMETER * trainable + (2 if bf16 else 4) * (parameters - trainable)
+
+
+def auto_zero_stage(cfg: TrainLoopConfig, parameters: int, worker_memory: int,
+                    trainable: int | None = None) -> int:
     """train.zero_stage 'auto': ZeRO-0 (plain data parallel: no per-module parameter gathers,
     no gradient partitioning; the step is the same) when training in fp32 without offload
-    and the replicated training state takes at most AUTO_REPLICA_SHARE of the smallest
-    worker's memory (the rest is for activations); ZeRO-3 otherwise. `parameters` is the
-    policy's parameter count, `worker_memory` the smallest worker's device memory in bytes.
+    and the replicated training state (`training_state_bytes`) takes at most
+    AUTO_REPLICA_SHARE of the smallest worker's memory (the rest is for activations); ZeRO-3
+    otherwise. `parameters` is the policy's parameter count (`trainable` of them trained:
+    all unless LoRA), `worker_memory` the smallest worker's device memory in bytes.
     (bf16 keeps ZeRO-3: its fp32-master handling between rounds is ZeRO-3's, see
     DPORecipe.begin_round.) Any other value is returned as given."""
     if cfg.zero_stage != "auto":
         return int(cfg.zero_stage)
     if cfg.bf16 or cfg.optimizer == "cpu_adam" or cfg.offload_params:
         return 3
-    fits = STATE_BYTES_PER_PARAMETER * parameters <= AUTO_REPLICA_SHARE * worker_memory
+    fits = training_state_bytes(parameters, trainable) <= AUTO_REPLICA_SHARE * worker_memory
     return 0 if fits else 3
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from workers import lora
 from workers.logprobs import ResponseLogps
 from workers.nonfinite import (
     NonFiniteGuard,
@@ -90,9 +91,12 @@ def worker_memory_bytes() -> int:
 
 def resolve_zero_stage(cfg: TrainLoopConfig, policy_path: str) -> TrainLoopConfig:
     """The loop options with train.zero_stage 'auto' decided (auto_zero_stage), on the
-    smallest worker's memory so that every rank decides the same."""
+    smallest worker's memory so that every rank decides the same. `policy_path` is the
+    base model (with LoRA, its trainable parameters are counted on the meta device)."""
     if cfg.zero_stage != "auto":
         return cfg
+    trainable = (lora.inspect(policy_path, cfg.lora, cfg.trust_remote_code).trainable
+                 if cfg.lora else None)
     import ray.train.torch
     import torch.distributed as dist
 
@@ -101,10 +105,12 @@ def resolve_zero_stage(cfg: TrainLoopConfig, policy_path: str) -> TrainLoopConfi
     if dist.is_initialized():
         dist.all_reduce(memory, op=dist.ReduceOp.MIN)
     return replace(cfg, zero_stage=auto_zero_stage(cfg, parameter_count(policy_path),
-                                                   int(memory.item())))
+                                                   int(memory.item()), trainable))
 
 
 def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, Any]):
+    """The policy at `policy_path` (a HF model, or with LoRA a base, fresh adapters added,
+    or an exported adapter on its base) and the ZeRO-3 config object from_pretrained reads."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -115,7 +121,7 @@ def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, An
 
         keep_alive = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
-        policy_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        lora.base_of(policy_path), dtype=dtype, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=attn_implementation(cfg.attention, cfg.packing,
                                                 torch.cuda.is_available()),
         use_safetensors=None if cfg.allow_pickle_weights else True)
@@ -125,6 +131,11 @@ def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, An
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if cfg.lora:  # the adapters' own dropout (model.lora.dropout) is added after
+        if cfg.gradient_checkpointing:  # checkpointed blocks of a frozen base need an input grad
+            model.enable_input_require_grads()
+        model = (lora.load(model, policy_path) if lora.is_adapter(policy_path)
+                 else lora.wrap(model, cfg.lora, policy_path))
     return model, keep_alive
 
 
@@ -182,6 +193,7 @@ class DPORecipe:
         self.cfg, self.sink, self.watchdog = cfg, sink, watchdog
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.engine: Any = None
+        self.peft: Any = None  # with LoRA, peft's wrapper of the policy (see setup)
         # loading the model and building DeepSpeed (a first run compiles its ops) may take
         # longer than a step: SETUP_TIMEOUT_FACTOR times the stall timeout
         self.setup_timeout = SETUP_TIMEOUT_FACTOR * cfg.stall_timeout_s
@@ -197,10 +209,15 @@ class DPORecipe:
         from transformers import AutoTokenizer
 
         self.progress(0, "load", self.setup_timeout)
-        cfg = self.cfg = resolve_zero_stage(self.cfg, policy_path)
+        base = lora.base_of(policy_path)
+        cfg = self.cfg = resolve_zero_stage(self.cfg, base)
         torch.manual_seed(cfg.seed)
-        ds_config = deepspeed_config(cfg, _hidden_size(cfg, policy_path))
+        ds_config = deepspeed_config(cfg, _hidden_size(cfg, base))
         model, self._keep_alive = _load_policy(cfg, policy_path, ds_config)
+        # with LoRA, `model` is peft's wrapper: export reads it, DeepSpeed trains the model
+        # peft injected its layers into (the same parameters, the same forward)
+        self.peft = model if cfg.lora else None
+        model = model.base_model.model if cfg.lora else model
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path,
                                                        trust_remote_code=cfg.trust_remote_code)
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -209,7 +226,7 @@ class DPORecipe:
         self.progress(0, "deepspeed init", self.setup_timeout)
         self.engine, _, _, _ = deepspeed.initialize(
             model=ResponseLogps(model, cfg.logprob_chunk_size, cfg.head_calls),
-            optimizer=build_optimizer(cfg, model.parameters()), config=ds_config,
+            optimizer=build_optimizer(cfg, lora.trainable_parameters(model)), config=ds_config,
             dist_init_required=False)
 
     # --- a round -------------------------------------------------------------------------
@@ -330,7 +347,7 @@ class DPORecipe:
         if guard.stop_reason:  # a clean stop, not an error: the driver raises it, no retry
             return {"stopped": guard.stop_reason, "step": state.step,
                     "nonfinite_events": guard.events}
-        self.export(Path(job.out_dir) / "model")
+        self.export(Path(job.out_dir))
         return {"step": state.step, "nonfinite_skipped": guard.skipped,
                 "running_mean": state.running.mean,
                 "data_exhausted": ran_out}
@@ -340,8 +357,9 @@ class DPORecipe:
         checkpoint.save(self.engine, state, metrics, guard, self.engine.device, self.rank,
                         job.round_index, job.key)
 
-    def export(self, out: Path) -> None:
-        """Gather ZeRO-3 shards into one state dict; rank 0 saves a HF safetensors model."""
+    def export(self, out_dir: Path) -> None:
+        """Gather ZeRO-3 shards into one state dict; rank 0 saves a HF safetensors model to
+        out_dir/model (with LoRA: the merged model there, the adapter in out_dir/adapter)."""
         engine = self.engine
         if self.cfg.zero_stage == 3:
             state = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
@@ -349,9 +367,12 @@ class DPORecipe:
             state = engine.module.state_dict()
         if self.rank != 0:
             return
-        prefix = "lm."
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        engine.module.lm.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        prefix, out = "lm.", out_dir / "model"
+        if self.peft is not None:
+            lora.export(state, self.peft, prefix, out_dir / "adapter", out)
+        else:
+            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            engine.module.lm.save_pretrained(out, state_dict=weights, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
 
 

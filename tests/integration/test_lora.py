@@ -1,0 +1,197 @@
+"""LoRA through the real components: one vLLM engine serving the base as the reference and
+the rounds' adapters as the policy (against a base-only engine and HF + PEFT), the trainer's
+adapters under DeepSpeed ZeRO-2 and ZeRO-3, and a LoRA run of the pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.integration.test_engine_updates import PROMPTS, RESPONSES, gap
+from tests.integration.test_train import halves
+from tests.integration.train_run import read_rows, train_rounds
+
+pytestmark = pytest.mark.integration
+
+LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
+
+
+def fake_trained_adapter(base_dir, out, seed):
+    """An adapter on `base_dir` whose B is not zero (as after training), exported as the
+    trainer exports it (workers.lora.export): out/adapter, out/model (merged)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import LoraConfig
+    from workers import lora
+
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                      LoraConfig(**LORA).model_dump(), str(base_dir))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    state = {f"lm.{k}": v for k, v in model.base_model.model.state_dict().items()}
+    lora.export(state, model, "lm.", out / "adapter", out / "model")
+    return out / "adapter"
+
+
+def peft_logprobs(base_dir, adapter_dir=None):
+    """Per-token response log-probs of a float32 HF forward of the base (with the adapter
+    through PEFT when given)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    out = []
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        out.append(logp.gather(-1, ids[0, 1:, None])[len(prompt) - 1:, 0].tolist())
+    return out
+
+
+def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
+        ray_cluster, toy_world, make_config, tmp_path):
+    import ray
+
+    from pipeline.engines import Engines
+    from workers.vllm_pool import Engine
+
+    base = str(toy_world.model_dir)
+    first = fake_trained_adapter(base, tmp_path / "round-0", seed=1)
+    second = fake_trained_adapter(base, tmp_path / "round-1", seed=2)
+    cfg = make_config(tmp_path / "run", model={"policy": base, "lora": LORA})
+    with Engines(cfg) as engines:
+        def both(policy):
+            ref = engines.client("reference", base)
+            pol = engines.client("policy", str(policy))
+            assert ref.actors == pol.actors  # one pool, one engine
+            return (ray.get(ref.actors[0].serve.remote(ref.weights_path, ref.weights, ref.version,
+                                                       "sequence_logprobs", PROMPTS, RESPONSES)),
+                    pol.call(0, "sequence_logprobs", PROMPTS, RESPONSES))
+
+        ref_0, pol_0 = both(first)
+        ref_1, pol_1 = both(second)  # the next round's adapter, loaded in place
+        hf_1 = peft_logprobs(base, second)
+        # the same adapter directory written again (a round retrained): loaded in place again
+        fake_trained_adapter(base, tmp_path / "round-1", seed=3)
+        ref_2, pol_2 = both(second)
+        slots = ray.get(engines.client("policy", str(second)).actors[0].__ray_call__.remote(
+            lambda self: sorted(self.adapters)))
+        pools = len(engines.pools)
+
+    base_only = ray.remote(Engine).options(num_cpus=0).remote(
+        base, {"dtype": "float32", "max_model_len": 256, "enforce_eager": True})
+    plain = ray.get(base_only.sequence_logprobs.remote(PROMPTS, RESPONSES))
+    ray.kill(base_only)
+    hf_base = peft_logprobs(base)
+    hf_0, hf_2 = peft_logprobs(base, first), peft_logprobs(base, second)
+    print(f"gaps: reference vs base-only engine {gap(ref_0, plain):.3g}, vs HF"
+          f" {gap(ref_0, hf_base):.3g}; policy vs HF+PEFT {gap(pol_0, hf_0):.3g},"
+          f" {gap(pol_1, hf_1):.3g}, {gap(pol_2, hf_2):.3g}")
+    assert pools == 1 and slots == [1]
+    for ref in (ref_0, ref_1, ref_2):  # the reference is the base, whatever adapter is loaded
+        assert gap(ref, plain) < 1e-5
+        assert gap(ref, hf_base) < 1e-4
+    assert gap(pol_0, hf_0) < 1e-4
+    assert gap(pol_1, hf_1) < 1e-4
+    assert gap(pol_2, hf_2) < 1e-4  # the rewritten adapter (hf_2 reads the directory now)
+    assert gap(pol_0, hf_base) > 1e-2 and gap(pol_1, pol_0) > 1e-2 and gap(pol_2, pol_1) > 1e-2
+
+
+def test_merged_model_of_the_fake_adapter_loads_in_vllm_like_the_adapter(
+        ray_cluster, toy_world, tmp_path):
+    """The merged export is a plain HF model: a fresh engine on it gives the adapter's
+    log-probs (so evaluate, a user's server or a next stage can take either)."""
+    import ray
+
+    from workers.vllm_pool import Engine
+
+    base = str(toy_world.model_dir)
+    adapter = fake_trained_adapter(base, tmp_path, seed=4)
+    engine = ray.remote(Engine).options(num_cpus=0).remote(
+        str(tmp_path / "model"), {"dtype": "float32", "max_model_len": 256, "enforce_eager": True})
+    merged = ray.get(engine.sequence_logprobs.remote(PROMPTS, RESPONSES))
+    ray.kill(engine)
+    assert gap(merged, peft_logprobs(base, adapter)) < 1e-4
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(toy_world.model_dir.resolve())
+
+
+def lora_config(make_config, tmp_path, policy, **train):
+    return make_config(tmp_path / "cfg", model={"policy": str(policy), "lora": LORA},
+                       loss={"name": "sigmoid", "params": {"beta": 0.1}},
+                       train={"num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4,
+                              "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                              "lr_schedule": "constant", "max_steps": 3, **train})
+
+
+def low_rank_update(base: dict, merged: dict, r: int) -> dict[str, float]:
+    """For each weight the merged model changed: how far its update is from rank r (the
+    (r+1)-th singular value over the first). Weights LoRA does not touch must be equal."""
+    ratios = {}
+    for k, w in base.items():
+        delta = (merged[k].double() - w.double())
+        if k.endswith("proj.weight"):
+            s = torch.linalg.svdvals(delta)
+            assert s[0] > 1e-6, f"{k} was not trained"
+            ratios[k] = float(s[r] / s[0])
+        else:
+            assert torch.equal(merged[k], w), f"{k} changed: the base must stay frozen"
+    return ratios
+
+
+def test_adapters_train_under_zero2_and_zero3_and_continue_on_a_fresh_group(
+        pairs_dir, make_config, toy_world, tmp_path):
+    """Two rounds of adapters on one trainer at ZeRO-2 and at ZeRO-3 take the same steps;
+    the base stays frozen (every update is of rank r); the exported adapter (PEFT) and the
+    merged model give the same logits; and a fresh worker group given round 0's adapter
+    (a restart at round 1) trains round 1 as the running group did."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    data = halves(pairs_dir, tmp_path)
+    base = load_file(toy_world.model_dir / "model.safetensors")
+    curves, adapters = {}, {}
+    for stage in (2, 3):
+        cfg = lora_config(make_config, tmp_path / f"z{stage}", toy_world.model_dir,
+                          zero_stage=stage)
+        results, path, outs = train_rounds(cfg, data, tmp_path, f"zero{stage}")
+        assert [r["steps_done"] for r in results] == [3, 3]
+        assert [r["model_dir"] for r in results] == ["adapter", "adapter"]
+        assert [(r["event"], r["zero_stage"]) for r in read_rows(path, "lifecycle")] == [
+            ("trainer_start", stage)]
+        curves[stage] = [(r["round"], r["step"], r["loss"]) for r in read_rows(path)]
+        adapters[stage] = [load_file(o / "adapter" / "adapter_model.safetensors") for o in outs]
+        for out in outs:
+            ratios = low_rank_update(base, load_file(out / "model" / "model.safetensors"), 8)
+            assert len(ratios) == 14 and max(ratios.values()) < 1e-4, ratios
+        ids = torch.tensor([[1, 270, 201, 357, 43, 44, 45]])
+        merged = AutoModelForCausalLM.from_pretrained(outs[1] / "model").eval()
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_world.model_dir),
+                                         outs[1] / "adapter").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(peft(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+    print(f"ZeRO-2: {curves[2]}\nZeRO-3: {curves[3]}")
+    for a, b in zip(curves[2], curves[3], strict=True):
+        assert a[:2] == b[:2] and abs(a[2] - b[2]) < 1e-5, (a, b)
+    assert curves[3][3][2] != curves[3][0][2]  # round 1 trained on from round 0's adapter
+
+    cfg = lora_config(make_config, tmp_path / "fresh", toy_world.model_dir, zero_stage=3)
+    _, path, outs = train_rounds(cfg, [data[1]], tmp_path, "fresh",
+                                 policy=str(tmp_path / "zero3-out-0" / "adapter"))
+    fresh = [(1, r["step"], r["loss"]) for r in read_rows(path)]
+    print(f"fresh group at round 1: {fresh}")
+    for a, b in zip(curves[3][3:], fresh, strict=True):
+        assert a[:2] == b[:2] and abs(a[2] - b[2]) < 1e-5, (a, b)
+    mine = load_file(outs[0] / "adapter" / "adapter_model.safetensors")
+    assert mine.keys() == adapters[3][1].keys()
+    assert max(float((mine[k] - adapters[3][1][k]).abs().max()) for k in mine) < 1e-5
