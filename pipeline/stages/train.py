@@ -96,7 +96,6 @@ def loop_config(cfg: RunConfig, env: dict[str, str], metrics_sink: Any = None, b
     return TrainLoopConfig(
         **same, tokenizer_path=cfg.model.tokenizer_path,
         loss_name=cfg.loss.name, loss_params=validate_loss(cfg.loss),
-        bf16=t.bf16,
         head_calls=head_calls(max(cfg.data.max_response_tokens, cfg.sampling.max_tokens),
                               t.micro_batch_size, t.logprob_chunk_size),
         trust_remote_code=cfg.model.trust_remote_code,
