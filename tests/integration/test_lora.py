@@ -195,3 +195,55 @@ def test_adapters_train_under_zero2_and_zero3_and_continue_on_a_fresh_group(
     mine = load_file(outs[0] / "adapter" / "adapter_model.safetensors")
     assert mine.keys() == adapters[3][1].keys()
     assert max(float((mine[k] - adapters[3][1][k]).abs().max()) for k in mine) < 1e-5
+
+
+def test_a_lora_run_of_the_demo_offline_then_online(ray_cluster, make_config, toy_world,
+                                                    tmp_path):
+    """The demo's two rounds (offline on the given pairs, then online on samples of round
+    0's adapter) with model.lora, through Ray Data, one vLLM engine (the base as reference,
+    the adapters as policy), Ray Train × DeepSpeed ZeRO-3 and evaluate: one engine start for
+    the run, each round's adapter loaded in place, adapter and merged model exported."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.dag import console, run_pipeline
+
+    run_dir = tmp_path / "run"
+    cfg = make_config(run_dir, model={"policy": str(toy_world.model_dir), "lora": LORA},
+                      train={"learning_rate": 1e-3},
+                      rounds={"count": 2, "mode": "online", "prompts_per_round": 32,
+                              "min_margin": 0.05})
+    with console.capture() as captured:
+        assert run_pipeline(cfg) == 0
+    out = captured.get()
+    print(out)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in rows if r["kind"] == "lifecycle"]
+    starts = [e for e in events if e["event"] == "engine_start"]
+    updates = [e for e in events if e["event"] == "weight_update"]
+    print(f"lifecycle: {[(e['event'], e.get('pool'), e.get('adapter_slot')) for e in events]}")
+    assert [e["pool"] for e in starts] == ["policy-0"]  # one engine serves both roles
+    assert [e["event"] for e in events].count("trainer_start") == 1
+    # round 0's adapter (evaluate, then round 1's samples), round 1's (evaluate): in place
+    assert [e["adapter_slot"] for e in updates] == [1, 1] and all(e["bytes"] > 0 for e in updates)
+
+    def outputs(k, stage):
+        return json.loads((run_dir / f"round-{k}" / stage / "manifest.json").read_text())["outputs"]
+
+    trains = [outputs(k, "train") for k in (0, 1)]
+    assert [(t["model_dir"], t["merged_dir"]) for t in trains] == [("adapter", "model")] * 2
+    assert all(t["steps_done"] >= 1 for t in trains)
+    assert outputs(1, "sample")["policy_path"] == str(run_dir / "round-0" / "train" / "adapter")
+    for k in (0, 1):
+        assert "eval/kl" in outputs(k, "evaluate")["metrics"]
+    last = run_dir / "round-1" / "train"
+    flat = "".join(out.split())  # the console wraps long paths
+    assert f"adapter:{last / 'adapter'}" in flat and f"checkpoint:{last / 'model'}(merged)" in flat
+    ids = torch.tensor([[1, 270, 201, 357, 43, 44, 45]])
+    merged = AutoModelForCausalLM.from_pretrained(last / "model").eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_world.model_dir),
+                                     last / "adapter").eval()
+    plain = AutoModelForCausalLM.from_pretrained(toy_world.model_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+        assert (plain(ids).logits - merged(ids).logits).abs().max() > 1e-3
