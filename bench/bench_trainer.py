@@ -75,7 +75,9 @@ def reference_parquet(model_path: Path, pairs: list[dict[str, Any]]) -> Path:
     return write_pairs(pairs, path, ref_chosen_logp=chosen, ref_rejected_logp=rejected).parent
 
 
-def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespace,
+             lora: dict[str, Any] | None = None, learning_rate: float = LR) -> dict[str, Any]:
+    """Our train stage on `data` (with `lora`, the model.lora section: adapters only)."""
     import ray
 
     from pipeline.cluster import worker_env
@@ -87,13 +89,13 @@ def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespac
     chosen = {k: v for k, v in (("zero_stage", args.zero_stage), ("packing", args.packing),
                                 ("share_prompt", args.share_prompt)) if v is not None}
     cfg = parse_config({
-        "model": {"policy": str(model_path)},
+        "model": {"policy": str(model_path), **({"lora": lora} if lora else {})},
         "data": {"train": [str(data)], "max_prompt_tokens": 64, "max_response_tokens": 64},
         "loss": {"name": "sigmoid", "params": {"beta": BETA}},
         "train": {"num_workers": workers, "cpus_per_worker": 2 / workers, **chosen,
                   "micro_batch_size": args.micro_batch,
                   "global_batch_size": args.micro_batch * workers * args.grad_accum,
-                  "learning_rate": LR, "adam_betas": list(BETAS), "grad_clip": CLIP,
+                  "learning_rate": learning_rate, "adam_betas": list(BETAS), "grad_clip": CLIP,
                   "warmup_ratio": WARMUP, "lr_schedule": "cosine", "max_steps": args.steps,
                   "precision": "fp32", "seed": 0},
     })
@@ -122,7 +124,8 @@ def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespac
             "reported_pairs_per_s": reported[len(reported) // 2] if reported else float("nan"),
             "first_step_s": times[0] - t0 if times else float("nan"), "wall_s": wall,
             "ray_start_s": ray_start, "peak_mib": sorted(watch.peak.values(), reverse=True),
-            "pairs_per_step": per_step, "layout": layout(cfg.train, stages)}
+            "pairs_per_step": per_step, "layout": layout(cfg.train, stages),
+            "losses": [r[2]["loss"] for r in rows]}
 
 
 def layout(t: Any, stages: set[int]) -> str:

@@ -88,9 +88,8 @@ def stage_plans(cfg: RunConfig) -> list[StagePlan]:
     shared = lora is not None and lora.shared_engine
     uses = "evaluate" + (", sample" if cfg.rounds.mode != "offline" else "")
     engines = [
-        _pool_plan("policy", f"vLLM engines with LoRA, for the run: the base as reference"
-                   f" (reference, evaluate) and the rounds' adapters as policy ({uses})",
-                   cfg.sampling, resident=True)
+        _pool_plan("policy", f"vLLM engines with LoRA, for the run (the base as reference;"
+                   f" the adapters as policy: {uses})", cfg.sampling, resident=True)
     ] if shared else [
         _pool_plan("reference", "vLLM reference engines, for the run (reference, evaluate)",
                    cfg.reference, resident=True),

@@ -153,6 +153,7 @@ def run_eval(cfg: RunConfig, model_dir: Path, out_root: Path, round_index: int =
 # What a Hugging Face model directory needs, and nothing else (no manifests, checkpoints,
 # DeepSpeed leftovers, pickles).
 WEIGHTS = ("*.safetensors", "model.safetensors.index.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's format
 MODEL_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -165,14 +166,24 @@ def _matching(root: Path, patterns: tuple[str, ...]) -> list[Path]:
 
 def export_round(run_dir: Path, round_index: int | None, out: Path) -> tuple[int, list[str]]:
     """Export round K's trained policy of `run_dir` (default: the last trained round) to
-    `out`; returns (K, the exported file names)."""
-    k, model_dir, _ = round_checkpoint(run_dir, round_index)
+    `out`; returns (K, the exported file names). A LoRA round exports its merged model,
+    and its adapter (PEFT format) in out/adapter."""
+    k, model_dir, train = round_checkpoint(run_dir, round_index)
+    adapter = None
+    if "merged_dir" in train.outputs:  # LoRA: the merged model, its adapter in OUT/adapter
+        adapter, model_dir = model_dir, run_dir / f"round-{k}" / "train" / train.outputs["merged_dir"]
     tokenizer = None
     if not _matching(model_dir, TOKENIZER_FILES):  # the run's tokenizer, read from its config
         from pipeline.config import load_config
 
         tokenizer = load_config(run_dir / "config.yaml").model.tokenizer_path
-    return k, export_model(model_dir, out, tokenizer)
+    files = export_model(model_dir, out, tokenizer)
+    if adapter is not None:
+        (out / "adapter").mkdir()
+        for f in _matching(adapter, ADAPTER_FILES):
+            shutil.copy2(f, out / "adapter" / f.name)
+        files.append("adapter/")
+    return k, files
 
 
 def export_model(model_dir: Path, out: Path, tokenizer_path: str | None = None) -> list[str]:

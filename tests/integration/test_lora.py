@@ -247,3 +247,15 @@ def test_a_lora_run_of_the_demo_offline_then_online(ray_cluster, make_config, to
     with torch.no_grad():
         torch.testing.assert_close(peft(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
         assert (plain(ids).logits - merged(ids).logits).abs().max() > 1e-3
+
+    # `rayalign export`: the merged model as a clean HF directory, the adapter beside it
+    from pipeline.standalone import export_round
+
+    k, files = export_round(run_dir, None, tmp_path / "export")
+    assert k == 1 and "model.safetensors" in files and "adapter/" in files
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_world.model_dir),
+                                      tmp_path / "export" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, merged(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(again(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
