@@ -59,16 +59,23 @@ def peft_logprobs(base_dir, adapter_dir=None):
 
 def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
         ray_cluster, toy_world, make_config, tmp_path):
+    """The shared engine against a base-only engine and HF + PEFT, across adapter updates in
+    place; it is also SIGKILLed on its second call (tests.integration.test_pool_faults): Ray
+    restarts it on the base and the retried call first loads the adapter it names."""
     import ray
 
     from pipeline.engines import Engines
+    from tests.integration.test_pool_faults import dies_once
+    from workers.metrics_sink import MetricsSink
     from workers.vllm_pool import Engine
 
     base = str(toy_world.model_dir)
     first = fake_trained_adapter(base, tmp_path / "round-0", seed=1)
     second = fake_trained_adapter(base, tmp_path / "round-1", seed=2)
     cfg = make_config(tmp_path / "run", model={"policy": base, "lora": LORA})
-    with Engines(cfg) as engines:
+    marker = tmp_path / "killed"
+    sink = ray.remote(MetricsSink).options(num_cpus=0).remote(str(tmp_path / "metrics.jsonl"), {})
+    with Engines(cfg, sink, engine_cls=dies_once(str(marker))) as engines:
         def both(policy):
             ref = engines.client("reference", base)
             pol = engines.client("policy", str(policy))
@@ -77,7 +84,7 @@ def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
                                                        "sequence_logprobs", PROMPTS, RESPONSES)),
                     pol.call(0, "sequence_logprobs", PROMPTS, RESPONSES))
 
-        ref_0, pol_0 = both(first)
+        ref_0, pol_0 = both(first)  # the policy call is the second: the engine dies, comes back
         ref_1, pol_1 = both(second)  # the next round's adapter, loaded in place
         hf_1 = peft_logprobs(base, second)
         # the same adapter directory written again (a round retrained): loaded in place again
@@ -86,6 +93,7 @@ def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
         slots = ray.get(engines.client("policy", str(second)).actors[0].__ray_call__.remote(
             lambda self: sorted(self.adapters)))
         pools = len(engines.pools)
+    ray.get(sink.set_context.remote())  # flushed
 
     base_only = ray.remote(Engine).options(num_cpus=0).remote(
         base, {"dtype": "float32", "max_model_len": 256, "enforce_eager": True})
@@ -97,6 +105,12 @@ def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
           f" {gap(ref_0, hf_base):.3g}; policy vs HF+PEFT {gap(pol_0, hf_0):.3g},"
           f" {gap(pol_1, hf_1):.3g}, {gap(pol_2, hf_2):.3g}")
     assert pools == 1 and slots == [1]
+    assert marker.exists(), "the fault was not injected"
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["restarted"] for e in events if e["event"] == "engine_start"] == [False, True]
+    # round 0's adapter (loaded by the engine that died, again by its restart), round 1's,
+    # round 1's rewritten: each into slot 1, in place
+    assert [e["adapter_slot"] for e in events if e["event"] == "weight_update"] == [1] * 4
     for ref in (ref_0, ref_1, ref_2):  # the reference is the base, whatever adapter is loaded
         assert gap(ref, plain) < 1e-5
         assert gap(ref, hf_base) < 1e-4
@@ -104,25 +118,6 @@ def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
     assert gap(pol_1, hf_1) < 1e-4
     assert gap(pol_2, hf_2) < 1e-4  # the rewritten adapter (hf_2 reads the directory now)
     assert gap(pol_0, hf_base) > 1e-2 and gap(pol_1, pol_0) > 1e-2 and gap(pol_2, pol_1) > 1e-2
-
-
-def test_merged_model_of_the_fake_adapter_loads_in_vllm_like_the_adapter(
-        ray_cluster, toy_world, tmp_path):
-    """The merged export is a plain HF model: a fresh engine on it gives the adapter's
-    log-probs (so evaluate, a user's server or a next stage can take either)."""
-    import ray
-
-    from workers.vllm_pool import Engine
-
-    base = str(toy_world.model_dir)
-    adapter = fake_trained_adapter(base, tmp_path, seed=4)
-    engine = ray.remote(Engine).options(num_cpus=0).remote(
-        str(tmp_path / "model"), {"dtype": "float32", "max_model_len": 256, "enforce_eager": True})
-    merged = ray.get(engine.sequence_logprobs.remote(PROMPTS, RESPONSES))
-    ray.kill(engine)
-    assert gap(merged, peft_logprobs(base, adapter)) < 1e-4
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(toy_world.model_dir.resolve())
 
 
 def lora_config(make_config, tmp_path, policy, **train):
@@ -247,6 +242,18 @@ def test_a_lora_run_of_the_demo_offline_then_online(ray_cluster, make_config, to
     with torch.no_grad():
         torch.testing.assert_close(peft(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
         assert (plain(ids).logits - merged(ids).logits).abs().max() > 1e-3
+
+    # `rayalign resume`: every finished stage of the LoRA run is recognised and skipped
+    from pipeline.dag import resume_pipeline
+
+    def manifests():
+        return {str(p): p.read_text() for p in sorted(run_dir.glob("round-*/*/manifest.json"))}
+
+    finished = manifests()
+    with console.capture() as captured:
+        assert resume_pipeline(run_dir) == 0
+    assert len(finished) >= 8 and manifests() == finished
+    assert captured.get().count("up to date, skipped") >= 8
 
     # `rayalign export`: the merged model as a clean HF directory, the adapter beside it
     from pipeline.standalone import export_round

@@ -48,7 +48,7 @@ def hangs_once(marker: str) -> type:
     class HangsOnce(Engine):
         generated = 0
 
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, lora=None):
             HangsOnce.generated += 1
             if HangsOnce.generated == 2 and not os.path.exists(marker):
                 open(marker, "w").close()
@@ -59,7 +59,7 @@ def hangs_once(marker: str) -> type:
                     return real(*args, **kwargs)
 
                 self.llm.generate = never_answers
-            return super().generate(prompts, params)
+            return super().generate(prompts, params, lora)
 
     return HangsOnce
 

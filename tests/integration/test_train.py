@@ -36,8 +36,9 @@ def training_order(table: pa.Table, seed: int = 0) -> list[str]:
     return [i for _, i in sorted(zip(keys, table["id"].to_pylist()))]
 
 
-def config(make_config, tmp_path, **train):
-    return make_config(tmp_path / "cfg", loss={"name": "sigmoid", "params": {"beta": 0.1}},
+def config(make_config, tmp_path, model=None, **train):
+    return make_config(tmp_path / "cfg", **({"model": model} if model else {}),
+                       loss={"name": "sigmoid", "params": {"beta": 0.1}},
                        train={"num_workers": 2, "micro_batch_size": 2,
                               "global_batch_size": GLOBAL_BATCH, "learning_rate": 1e-4,
                               "warmup_ratio": 0.0, "lr_schedule": "constant", **train})
@@ -75,14 +76,17 @@ def kill_a_train_worker_past_a_checkpoint(run_storage, metrics, every, killed, t
         time.sleep(0.1)
 
 
-def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path):
+@pytest.mark.parametrize("lora", [None, {"r": 8}], ids=["full", "lora"])
+def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path, lora):
     """SIGKILL one of two ZeRO-3 workers mid-epoch: Ray Train restarts the group from the
     last DeepSpeed checkpoint, every step is taken once in the promised data order, and the
-    redone steps reproduce the lost attempt's losses (the state was restored exactly)."""
+    redone steps reproduce the lost attempt's losses (the state was restored exactly).
+    With LoRA the checkpoint holds the adapters and their optimizer state the same way."""
     from pipeline.stages.train import TrainerSession
     from workers.recipe.recipe import batch_digest
 
-    cfg = config(make_config, tmp_path, epochs=2, checkpoint_every=4, max_failures=2)
+    cfg = config(make_config, tmp_path, model={"lora": lora} if lora else None, epochs=2,
+                 checkpoint_every=4, max_failures=2, learning_rate=1e-3 if lora else 1e-4)
     killed: dict = {}
     killer = threading.Thread(target=kill_a_train_worker_past_a_checkpoint,
                               args=(tmp_path / "run-storage" / TrainerSession.NAME,
@@ -117,6 +121,7 @@ def test_killed_worker_resumes_from_checkpoint(pairs_dir, make_config, tmp_path)
         assert [r["resumed_from"] for r in rows if r["step"] == s] == [0, restart_step], s
         assert math.isclose(first_attempt[s]["loss"], final[s]["loss"], abs_tol=1e-5), s
     assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() == bool(lora)
     assert not (tmp_path / "run-storage" / TrainerSession.NAME).exists(), \
         "resumable state left behind"
 

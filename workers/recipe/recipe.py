@@ -5,7 +5,8 @@ next round the driver hands out (workers.recipe.coordinator), builds the model a
 on the first one, then for every round: `begin_round` (a fresh optimizer state and LR
 schedule from the weights it holds, or the state of this round's checkpoint), `train_round`
 (micro-steps over the round's pairs, `save` every train.checkpoint_every steps), `export`
-(the consolidated HF model to the round's out_dir/model), and rank 0 reports the result.
+(the consolidated HF model to the round's out_dir/model; with LoRA the merged model there
+and the adapter in out_dir/adapter, workers.lora), and rank 0 reports the result.
 """
 
 from __future__ import annotations
