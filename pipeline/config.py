@@ -450,8 +450,8 @@ class RunConfig(_Section):
                     raise ValueError(f"{key}.engine.extra.load_format '{fmt}' may load pickle"
                                      " weights: set model.allow_pickle_weights: true to allow it")
         lora = self.model.lora
-        if lora is not None and lora.shared_engine and self.model.reference not in (
-                None, self.model.policy):
+        if lora is not None and lora.shared_engine and self.model.reference is not None and (
+                os.path.abspath(self.model.reference) != os.path.abspath(self.model.policy)):
             raise ValueError("model.lora.shared_engine: one engine serves the reference as the"
                              f" base model (model.policy), but model.reference is another model"
                              f" ({self.model.reference}): unset model.reference, or set"

@@ -145,6 +145,7 @@ def _prepare(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
 def _reference_inputs(r: Round) -> dict[str, Any]:
     """Each split's cache key: the reference weights, tokenizer, that split's data (the eval
     split's is the prepare stage's alone, so an online round reuses it), lengths, dtype."""
+    from pipeline.engines import pool_config
     from pipeline.stages.reference import cache_key
 
     data = r.cfg.data
@@ -154,7 +155,8 @@ def _reference_inputs(r: Round) -> dict[str, Any]:
     keys = {split: cache_key(r.reference_path, r.cfg.model.tokenizer_path, source,
                              {"prompt": data.max_prompt_tokens,
                               "response": data.max_response_tokens,
-                              "truncation": data.truncation}, r.cfg.reference.engine.dtype,
+                              "truncation": data.truncation},
+                             pool_config(r.cfg, "reference").engine.dtype,
                              kl_pairs=kl_pairs)
             for split, source in sources.items()}
     return {"cache_keys": keys, "kl_pairs": kl_pairs}
@@ -182,7 +184,9 @@ def _train_inputs(r: Round) -> dict[str, Any]:
     cfg = r.cfg
     return {"reference": r.done["reference"].key, "policy": r.policy_key(),
             "train": cfg.train.model_dump(exclude=set(TrainConfig.SCHEDULING_ONLY)),
-            "lora": cfg.model.lora.model_dump(exclude={"shared_engine"}) if cfg.model.lora else None,
+            # only when set: the keys of runs without LoRA stay what they were
+            **({"lora": cfg.model.lora.model_dump(exclude={"shared_engine"})}
+               if cfg.model.lora else {}),
             "loss": cfg.loss.model_dump(),
             "curriculum": cfg.rounds.curriculum and r.sampled}
 
@@ -218,13 +222,15 @@ def trained_digest(r: Round) -> str:
 
 
 def _evaluate_inputs(r: Round) -> dict[str, Any]:
+    from pipeline.engines import pool_config
+
     cfg = r.cfg
     # the trained weights themselves: a retrained policy is evaluated again
     return {"model": trained_digest(r),
             "reference": r.done["reference"].key,
             "eval": cfg.eval.model_dump(),
             "sampling": cfg.sampling.model_dump(exclude=SCHEDULING_ONLY_ENGINE),
-            "reference_engine": cfg.reference.engine.model_dump(
+            "reference_engine": pool_config(cfg, "reference").engine.model_dump(
                 exclude=SCHEDULING_ONLY_ENGINE["engine"]),
             "reward": cfg.reward.model_dump() if cfg.reward else None}
 

@@ -78,34 +78,28 @@ class Engines:
 
     def client(self, role: str, weights_path: str) -> EngineClient:
         """A client of `role`'s pool serving the weights at `weights_path`, full weights or
-        a LoRA adapter (the pool is started, or loads them in place, first)."""
+        a LoRA adapter (the pool is started, or loads them in place, first: an adapter's
+        base too, when the pool serves other full weights)."""
         base = base_of(weights_path)
-        key = (self.pool_role(role), architecture(base))
+        key = (pool_role(self.cfg, role), architecture(base))
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = self._start(self.pool_role(role), base)
+            pool = self.pools[key] = self._start(pool_role(self.cfg, role), base)
+        if pool.weights != weights_id(base):
+            self._update(pool, base, weights_id(base))
         wanted, slot = weights_id(weights_path), None
         if is_adapter(weights_path):
             slot = ADAPTER_SLOT[role]
             if pool.adapters.get(slot) != wanted:
                 self._update(pool, weights_path, wanted, slot)
-        elif pool.weights != wanted:
-            self._update(pool, weights_path, wanted)
         return EngineClient(tuple(pool.actors), weights_path, wanted, pool.version, pool.name,
-                            call_wait_s(pool.config.engine.call_timeout_s), slot)
-
-    def pool_role(self, role: str) -> str:
-        """The pool serving `role`: its own, or with a shared LoRA engine the policy's."""
-        lora = self.cfg.model.lora
-        return "policy" if lora is not None and lora.shared_engine else role
-
-    def pool_config(self, role: str) -> PoolConfig:
-        return getattr(self.cfg, ROLES[self.pool_role(role)])
+                            call_wait_s(pool.config.engine.call_timeout_s), slot,
+                            (pool.weights_path, pool.weights) if slot is not None else None)
 
     def _start(self, role: str, weights_path: str) -> _Pool:
         import ray
 
-        config = self.pool_config(role)
+        config = pool_config(self.cfg, role)
         name = role if not any(k[0] == role for k in self.pools) else f"{role}-{len(self.pools)}"
         remote = ray.remote(self.engine_cls).options(
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
@@ -150,6 +144,16 @@ class Engines:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pool_role(cfg: RunConfig, role: str) -> str:
+    """The pool serving `role`: its own, or with a shared LoRA engine the policy's."""
+    return "policy" if cfg.model.lora is not None and cfg.model.lora.shared_engine else role
+
+
+def pool_config(cfg: RunConfig, role: str) -> PoolConfig:
+    """The config of the pool serving `role` (what its engines compute with)."""
+    return getattr(cfg, ROLES[pool_role(cfg, role)])
 
 
 def map_args(pool: ActorPoolConfig) -> dict[str, Any]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs (the driver imports this module too)
+    import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER = "default"  # peft's name of the one adapter
@@ -43,28 +44,33 @@ def vllm_max_rank(r: int) -> int:
     return next(x for x in VLLM_LORA_RANKS if x >= r)
 
 
-def peft_config(lora: dict[str, Any], base_path: str):
+def peft_config(lora: dict[str, Any]):
     """peft's LoraConfig for `model.lora` (pipeline.config.LoraConfig as a dict)."""
     from peft import LoraConfig
 
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                       target_modules=lora["target_modules"], use_rslora=lora["use_rslora"],
-                      bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=str(Path(base_path).resolve()))
+                      bias="none", task_type="CAUSAL_LM")
 
 
 def wrap(model: torch.nn.Module, lora: dict[str, Any], base_path: str):
-    """`model` with fresh adapters (B = 0: the policy starts equal to the base)."""
+    """`model` with fresh adapters (B = 0: the policy starts equal to the base), in the
+    model's dtype on every ZeRO stage (peft would keep bf16 models' adapters in fp32); the
+    adapter names its base by absolute path (peft would take the string the model was
+    loaded from)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(lora, base_path))
+    peft_model = get_peft_model(model, peft_config(lora), autocast_adapter_dtype=False)
+    peft_model.peft_config[ADAPTER].base_model_name_or_path = str(Path(base_path).resolve())
+    return peft_model
 
 
 def load(model: torch.nn.Module, adapter_path: str):
     """`model` (the adapter's base) with the adapter at `adapter_path`, trainable."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    return PeftModel.from_pretrained(model, adapter_path, is_trainable=True,
+                                     autocast_adapter_dtype=False)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -120,6 +126,7 @@ class LoraPlan:
 def inspect(base_path: str, lora: dict[str, Any], trust_remote_code: bool = False) -> LoraPlan:
     """The adapters on `base_path`'s model built on the meta device; a ValueError naming the
     `model.lora` key when a target is absent, not a Linear layer, or smaller than the rank."""
+    import torch
     from peft import get_peft_model
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -142,7 +149,7 @@ def inspect(base_path: str, lora: dict[str, Any], trust_remote_code: bool = Fals
         raise ValueError(f"model.lora.target_modules: {problem}; adapters go on the linear"
                          f" layers ({', '.join(linear)}) or all-linear")
     try:
-        peft_model = get_peft_model(model, peft_config(lora, base_path))
+        peft_model = get_peft_model(model, peft_config(lora))
     except ValueError as err:  # peft's own check (e.g. all-linear on a model without any)
         raise ValueError(f"model.lora.target_modules: {err}") from None
     layers = _lora_layers(peft_model)

@@ -132,15 +132,19 @@ class Engine:
         return self.version
 
     def serve(self, weights_path: str, weights: str, version: int, method: str, *args: Any,
-              slot: int | None = None, **kwargs: Any) -> Any:
+              slot: int | None = None, base: tuple[str, str] | None = None,
+              **kwargs: Any) -> Any:
         """Call `method` on the weights `weights` (a `weights_id`) of version `version`,
         loaded from `weights_path` first when the engine serves others (a restarted
         engine is back on the checkpoint it started from). With `slot`, `weights_path` is a
-        LoRA adapter on the engine's base, served from that slot (loaded first likewise)."""
+        LoRA adapter served from that slot on the full weights `base` (path, weights_id),
+        each loaded first likewise."""
         if slot is None:
             if self.weights != weights:
                 self.update_weights(weights_path, version)
             return getattr(self, method)(*args, **kwargs)
+        if base is not None and self.weights != base[1]:
+            self.update_weights(base[0], version)
         if self.adapters.get(slot) != weights:
             self.load_adapter(slot, weights_path, version)
         return getattr(self, method)(*args, lora=_lora_request(slot, weights_path), **kwargs)
@@ -332,12 +336,13 @@ class EngineClient:
     pool: str
     timeout_s: float
     slot: int | None = None  # the LoRA slot serving `weights_path` (an adapter), or None
+    base: tuple[str, str] | None = None  # with a slot: the full weights (path, id) under it
 
     def call(self, turn: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """`method` on engine `turn` mod the pool size, on this client's weights."""
         i = turn % len(self.actors)
         ref = self.actors[i].serve.remote(self.weights_path, self.weights, self.version, method,
-                                          *args, slot=self.slot, **kwargs)
+                                          *args, slot=self.slot, base=self.base, **kwargs)
         return get_within(ref, self.timeout_s, f"{self.pool} engine {i}: {method} (restarts"
                                                 " included)")
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import RunConfig, validate_loss
+from workers.lora import is_adapter
 
 
 def order_key(batch: pa.Table, seed: int, shuffle: bool) -> pa.Array:
@@ -268,7 +269,9 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
     num_pairs = ds.count() if ds is not None else 0
     if carry and num_pairs < t.global_batch_size:  # a small online round: its pairs wait
         carried = carry_over(ds, 0, round_index, out_dir / "carry") if num_pairs else 0
-        return {"model_dir": str(Path(policy_path).resolve()), "num_pairs": num_pairs,
+        kept = Path(policy_path).resolve()  # the policy is unchanged (a LoRA round's: its
+        merged = {"merged_dir": str(kept.parent / "model")} if is_adapter(kept) else {}  # merge)
+        return {"model_dir": str(kept), **merged, "num_pairs": num_pairs,
                 "optimizer_steps": 0, "steps_done": 0, "trained_pairs": 0, "carried": carried,
                 "nonfinite_skipped": 0, "stalls_survived": [], "final_metrics": {}}
     steps = optimizer_steps(num_pairs, cfg)

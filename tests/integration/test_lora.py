@@ -90,6 +90,12 @@ def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
         # the same adapter directory written again (a round retrained): loaded in place again
         fake_trained_adapter(base, tmp_path / "round-1", seed=3)
         ref_2, pol_2 = both(second)
+        # rounds.reference: previous: the reference is round 0's adapter (slot 2), beside
+        # the policy's (slot 1)
+        previous = engines.client("reference", str(first)).call(
+            0, "sequence_logprobs", PROMPTS, RESPONSES)
+        pol_3 = engines.client("policy", str(second)).call(
+            0, "sequence_logprobs", PROMPTS, RESPONSES)
         slots = ray.get(engines.client("policy", str(second)).actors[0].__ray_call__.remote(
             lambda self: sorted(self.adapters)))
         pools = len(engines.pools)
@@ -104,19 +110,20 @@ def test_one_engine_serves_the_base_as_reference_and_adapters_as_policy(
     print(f"gaps: reference vs base-only engine {gap(ref_0, plain):.3g}, vs HF"
           f" {gap(ref_0, hf_base):.3g}; policy vs HF+PEFT {gap(pol_0, hf_0):.3g},"
           f" {gap(pol_1, hf_1):.3g}, {gap(pol_2, hf_2):.3g}")
-    assert pools == 1 and slots == [1]
+    assert pools == 1 and slots == [1, 2]
     assert marker.exists(), "the fault was not injected"
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["restarted"] for e in events if e["event"] == "engine_start"] == [False, True]
     # round 0's adapter (loaded by the engine that died, again by its restart), round 1's,
-    # round 1's rewritten: each into slot 1, in place
-    assert [e["adapter_slot"] for e in events if e["event"] == "weight_update"] == [1] * 4
+    # round 1's rewritten: each into slot 1, in place; then round 0's as the reference
+    assert [e["adapter_slot"] for e in events if e["event"] == "weight_update"] == [1] * 4 + [2]
     for ref in (ref_0, ref_1, ref_2):  # the reference is the base, whatever adapter is loaded
         assert gap(ref, plain) < 1e-5
         assert gap(ref, hf_base) < 1e-4
     assert gap(pol_0, hf_0) < 1e-4
     assert gap(pol_1, hf_1) < 1e-4
     assert gap(pol_2, hf_2) < 1e-4  # the rewritten adapter (hf_2 reads the directory now)
+    assert gap(previous, hf_0) < 1e-4 and gap(pol_3, hf_2) < 1e-4  # two adapters at once
     assert gap(pol_0, hf_base) > 1e-2 and gap(pol_1, pol_0) > 1e-2 and gap(pol_2, pol_1) > 1e-2
 
 

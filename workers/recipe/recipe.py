@@ -96,8 +96,7 @@ def resolve_zero_stage(cfg: TrainLoopConfig, policy_path: str) -> TrainLoopConfi
     base model (with LoRA, its trainable parameters are counted on the meta device)."""
     if cfg.zero_stage != "auto":
         return cfg
-    trainable = (lora.inspect(policy_path, cfg.lora, cfg.trust_remote_code).trainable
-                 if cfg.lora else None)
+    plan = lora.inspect(policy_path, cfg.lora, cfg.trust_remote_code) if cfg.lora else None
     import ray.train.torch
     import torch.distributed as dist
 
@@ -105,8 +104,9 @@ def resolve_zero_stage(cfg: TrainLoopConfig, policy_path: str) -> TrainLoopConfi
                           device=ray.train.torch.get_device())
     if dist.is_initialized():
         dist.all_reduce(memory, op=dist.ReduceOp.MIN)
-    return replace(cfg, zero_stage=auto_zero_stage(cfg, parameter_count(policy_path),
-                                                   int(memory.item()), trainable))
+    parameters = plan.total if plan else parameter_count(policy_path)  # base + adapters
+    return replace(cfg, zero_stage=auto_zero_stage(cfg, parameters, int(memory.item()),
+                                                   plan.trainable if plan else None))
 
 
 def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, Any]):

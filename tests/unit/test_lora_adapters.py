@@ -95,6 +95,15 @@ def test_export_writes_an_adapter_peft_loads_and_a_merged_model_that_match(base_
         assert (plain(ids).logits - want).abs().max() > 1e-2
 
 
+def test_the_adapter_names_its_base_by_absolute_path(base_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(base_dir.parent)
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(base_dir.name), LORA, base_dir.name)
+    model.save_pretrained(tmp_path / "adapter")
+    assert lora.base_of(tmp_path / "adapter") == str(base_dir.resolve())
+
+
 def test_a_continued_adapter_is_trainable_on_its_base(base_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
