@@ -105,7 +105,10 @@ class Engines:
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
             resources=dict(config.resources) or None, max_restarts=ENGINE_RESTARTS,
             max_task_retries=ENGINE_RESTARTS)
-        lora = self.cfg.model.lora
+        # LoRA serving where the pool may be asked for adapters: the policy's, or the
+        # reference's when the reference is the previous round's policy
+        lora = self.cfg.model.lora if (role == "policy" or self.cfg.rounds.reference == "previous"
+                                       ) else None
         actors = [remote.remote(weights_path, config.engine.model_dump(),
                                 self.cfg.model.trust_remote_code, self.cfg.sampling.seed,
                                 f"{name}-{i}", self.sink,

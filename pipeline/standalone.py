@@ -12,6 +12,7 @@ safetensors, config, generation config, tokenizer), nothing of rayalign's bookke
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -105,6 +106,22 @@ def eval_problems(cfg: RunConfig) -> list[str]:
     return [p for p in check_paths(cfg) if not p.startswith(skipped)]
 
 
+def adapter_problems(cfg: RunConfig, model_dir: Path) -> list[str]:
+    """A LoRA adapter to evaluate needs engines that serve adapters (model.lora) of its rank."""
+    from workers.lora import ADAPTER_CONFIG, is_adapter, vllm_max_rank
+
+    if not is_adapter(model_dir):
+        return []
+    rank = json.loads((model_dir / ADAPTER_CONFIG).read_text())["r"]
+    if cfg.model.lora is None:
+        return [(f"model: {model_dir} is a LoRA adapter (rank {rank}): the engines serve"
+                 f" adapters only with model.lora set (e.g. the override model.lora={{r: {rank}}})")]
+    if rank > vllm_max_rank(cfg.model.lora.r):
+        return [(f"model: {model_dir} is a LoRA adapter of rank {rank}, above what engines"
+                 f" built for model.lora.r={cfg.model.lora.r} serve: set model.lora.r={rank}")]
+    return []
+
+
 def run_eval(cfg: RunConfig, model_dir: Path, out_root: Path, round_index: int = 0,
              reference: str | None = None, trained: dict[str, Any] | None = None
              ) -> dict[str, Any]:
@@ -124,6 +141,7 @@ def run_eval(cfg: RunConfig, model_dir: Path, out_root: Path, round_index: int =
     problems = eval_problems(cfg)
     if not model_dir.is_dir():
         problems.append(f"model: {model_dir} is not a directory")
+    problems += adapter_problems(cfg, model_dir)
     if problems:
         raise UsageError("; ".join(problems))
     cfg = eval_config(cfg)

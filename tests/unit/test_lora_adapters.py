@@ -169,3 +169,18 @@ def test_dry_run_prints_trainable_parameters_and_memory_next_to_full_fine_tuning
     assert [p.stage for p in stage_plans(cfg)][:2] == ["policy", "prepare"]
     shared = _run_config(base_dir, tmp_path, lora={"shared_engine": False})
     assert [p.stage for p in stage_plans(shared)][:2] == ["reference", "policy"]
+
+
+def test_evaluating_an_adapter_needs_engines_that_serve_it(base_dir, tmp_path):
+    from pipeline.standalone import adapter_problems
+
+    adapter = tmp_path / "adapter"
+    _trained(base_dir).save_pretrained(adapter)  # rank 4
+    plain = _run_config(base_dir, tmp_path)
+    assert adapter_problems(plain, base_dir) == []  # a full model needs nothing
+    assert adapter_problems(plain, adapter) == [
+        (f"model: {adapter} is a LoRA adapter (rank 4): the engines serve adapters only with"
+         " model.lora set (e.g. the override model.lora={r: 4})")]
+    assert adapter_problems(_run_config(base_dir, tmp_path, lora={"r": 4}), adapter) == []
+    assert adapter_problems(_run_config(base_dir, tmp_path, lora={"r": 1}), adapter)[0].endswith(
+        "set model.lora.r=4")
