@@ -85,10 +85,12 @@ class Engines:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = self._start(pool_role(self.cfg, role), base)
-        if pool.weights != weights_id(base):
-            self._update(pool, base, weights_id(base))
-        wanted, slot = weights_id(weights_path), None
+        base_id = weights_id(base)
+        if pool.weights != base_id:
+            self._update(pool, base, base_id)
+        wanted, slot = base_id, None
         if is_adapter(weights_path):
+            wanted = weights_id(weights_path)
             slot = ADAPTER_SLOT[role]
             if pool.adapters.get(slot) != wanted:
                 self._update(pool, weights_path, wanted, slot)

@@ -12,7 +12,6 @@ safetensors, config, generation config, tokenizer), nothing of rayalign's bookke
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -108,11 +107,11 @@ def eval_problems(cfg: RunConfig) -> list[str]:
 
 def adapter_problems(cfg: RunConfig, model_dir: Path) -> list[str]:
     """A LoRA adapter to evaluate needs engines that serve adapters (model.lora) of its rank."""
-    from workers.lora import ADAPTER_CONFIG, is_adapter, vllm_max_rank
+    from workers.lora import adapter_config, is_adapter, vllm_max_rank
 
     if not is_adapter(model_dir):
         return []
-    rank = json.loads((model_dir / ADAPTER_CONFIG).read_text())["r"]
+    rank = adapter_config(model_dir)["r"]
     if cfg.model.lora is None:
         return [(f"model: {model_dir} is a LoRA adapter (rank {rank}): the engines serve"
                  f" adapters only with model.lora set (e.g. the override model.lora={{r: {rank}}})")]

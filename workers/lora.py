@@ -32,11 +32,14 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_config(path: str | Path) -> dict[str, Any]:
+    """The adapter_config.json of the adapter at `path` (PEFT's: r, base_model_name_or_path...)."""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+
+
 def base_of(path: str | Path) -> str:
     """The full model behind `path`: an adapter's base, or `path` itself."""
-    if not is_adapter(path):
-        return str(path)
-    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return adapter_config(path)["base_model_name_or_path"] if is_adapter(path) else str(path)
 
 
 def vllm_max_rank(r: int) -> int:
@@ -83,13 +86,13 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def merged_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module,
-                      prefix: str = "") -> dict[str, torch.Tensor]:
-    """The merged model's state dict from `state` (keys of the model peft injected its layers
-    into, after `prefix`): each adapted Linear's weight becomes W + scaling·B·A (peft's delta
+def merged_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module
+                      ) -> dict[str, torch.Tensor]:
+    """The merged model's state dict from `state` (keys of `model`, the model peft injected
+    its layers into): each adapted Linear's weight becomes W + scaling·B·A (peft's delta
     of a Linear without fan_in_fan_out, the only layers `inspect` accepts), the adapter
     tensors go. `model` gives each layer's scaling (plain numbers, never partitioned)."""
-    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out = dict(state)
     for name, layer in _lora_layers(model).items():
         a = out.pop(f"{name}.lora_A.{ADAPTER}.weight")
         b = out.pop(f"{name}.lora_B.{ADAPTER}.weight")
