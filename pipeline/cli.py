@@ -1,4 +1,4 @@
-"""`rayalign` command line: run | resume | eval | export | toy | submit | status | logs.
+"""`rayalign` command line: run | sweep | resume | eval | export | toy | submit | status | logs.
 
 Every command that reads a config takes overrides after it, torchtune/Hydra style:
 `rayalign run CONFIG train.learning_rate=1e-4 rounds.count=3 loss.name=ipo`; they are
@@ -30,7 +30,7 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
     """The effective config (defaults resolved) and placement plan as text, and the problems."""
-    from pipeline.plan import check_plan, format_plan, lora_plan, stage_plans
+    from pipeline.plan import available_resources, check_plan, format_plan, lora_plan, stage_plans
 
     effective = cfg.model_dump(mode="json")
     effective["model"]["reference"] = cfg.model.reference_path
@@ -38,7 +38,7 @@ def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
     effective["loss"]["params"] = validate_loss(cfg.loss)
     effective["train"]["grad_accum_steps"] = cfg.train.grad_accum_steps
     plans = stage_plans(cfg)
-    have, problems = _resources(cfg)
+    have, problems = available_resources(cfg)
     parts = ["effective config:", json.dumps(effective, indent=2), "", "placement plan:"]
     if have is not None:
         parts.append(format_plan(plans, have))
@@ -51,20 +51,6 @@ def dry_run_report(cfg: RunConfig) -> tuple[str, list[str]]:
     return "\n".join(parts), problems
 
 
-def _resources(cfg: RunConfig):
-    """This machine's resources, or the nodes of the cluster at ray.address (queried)."""
-    from pipeline.plan import Resources, local_resources
-
-    if cfg.ray.address is None:
-        return local_resources(cfg), []
-    from pipeline.cluster import cluster_nodes
-
-    try:
-        return Resources(cluster_nodes(cfg.ray.address), f"cluster at {cfg.ray.address}"), []
-    except (ConnectionError, RuntimeError, ValueError) as err:  # reported, not raised
-        return None, [f"ray.address: cannot query the cluster at {cfg.ray.address}: {err}"]
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.dry_run:
@@ -74,6 +60,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.dag import run_pipeline
 
     return run_pipeline(cfg, verbose=args.verbose)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep import run_sweep
+
+    return run_sweep(args.config, args.overrides, Path(args.sweep_dir) if args.sweep_dir else None,
+                     args.max_concurrent, args.ray_address, args.dry_run)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -138,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="override ray.address (e.g. 'auto' inside a Ray job)")
     run.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="a grid of runs side by side on one cluster, and"
+                           " their comparison (key=a,b,c sweeps a key)")
+    sweep.add_argument("config", help="YAML run config every run starts from")
+    add_overrides(sweep)
+    sweep.add_argument("--sweep-dir", help="where the runs and the report go"
+                       " (default: the config's run_dir + '-sweep')")
+    sweep.add_argument("--max-concurrent", type=int, help="at most this many runs at once"
+                       " (default: as many as the cluster holds)")
+    sweep.add_argument("--ray-address", help="join this cluster (default: ray.address, or a"
+                       " local cluster)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="validate every run, print the grid and its placement, start nothing")
+    sweep.set_defaults(func=cmd_sweep)
 
     resume = sub.add_parser("resume", help="continue a run from its last finished stage")
     resume.add_argument("run_dir")

@@ -422,8 +422,15 @@ class TrackingConfig(_Section):
         return self
 
 
+SEEDED_SECTIONS = ("train", "sampling", "rounds")  # the sections whose `seed` the run seed sets
+
+
 class RunConfig(_Section):
     run_dir: str = "runs/default"
+    seed: int | None = Field(
+        None, description="The run's seed: when set, it replaces train.seed (data order),"
+        " sampling.seed (samples) and rounds.seed (prompt order, pairing), so that one"
+        " override (`seed=1`, or a sweep's `seed=0,1,2`) reseeds a whole run.")
     min_free_gib: float = Field(
         1.0, ge=0, description="Free disk space run_dir needs before any work starts.")
     model: ModelConfig
@@ -440,6 +447,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        if self.seed is not None:
+            for name in SEEDED_SECTIONS:
+                getattr(self, name).seed = self.seed
         if self.rounds.mode != "offline" and self.reward is None:
             raise ValueError(f"rounds.mode '{self.rounds.mode}' samples new pairs: it needs a"
                              " 'reward' section")

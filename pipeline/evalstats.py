@@ -135,3 +135,43 @@ def paired_by_key(prev: dict[str, float], cur: dict[str, float]) -> tuple[list[f
     """The values of the keys (prompts, pair ids) both samples hold, in the same order."""
     keys = [k for k in cur if k in prev]
     return [prev[k] for k in keys], [cur[k] for k in keys]
+
+
+def _matrix(x: Sequence[Sequence[float]], name: str) -> np.ndarray:
+    m = np.asarray(x, dtype=float)
+    if m.ndim != 2 or 0 in m.shape:
+        raise ValueError(f"{name}: need a non-empty [seeds, units] matrix, got shape {m.shape}")
+    return m
+
+
+def seeded_mean_ci(x: Sequence[Sequence[float]], resamples: int = RESAMPLES, seed: int = SEED,
+                   level: float = LEVEL) -> Interval:
+    """Mean of a [seeds, units] matrix (the runs of one arm, the same prompts) and its
+    two-level bootstrap interval: seeds and units are both resampled, so the interval holds
+    the run-to-run spread as well as the prompts'. One seed: mean_ci over the units."""
+    return seeded_diff_ci(x, None, resamples, seed, level)
+
+
+def seeded_diff_ci(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]] | None,
+                   resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> Interval:
+    """Mean of arm a − arm b ([seeds, units] each, the same units in the same order; their
+    seed counts may differ) and its interval: the units are resampled once for both arms
+    (paired), each arm's seeds on their own."""
+    x = _matrix(a, "seeded_diff_ci a")
+    y = None if b is None else _matrix(b, "seeded_diff_ci b")
+    if y is not None and y.shape[1] != x.shape[1]:
+        raise ValueError(f"seeded_diff_ci: the arms hold different units ({x.shape[1]} vs"
+                         f" {y.shape[1]})")
+    rng = np.random.default_rng(seed)
+    units = rng.integers(0, x.shape[1], size=(resamples, x.shape[1]))
+
+    def resampled(m: np.ndarray) -> np.ndarray:
+        seeds = rng.integers(0, m.shape[0], size=(resamples, m.shape[0]))
+        per_seed = m[seeds[:, :, None], units[:, None, :]]  # [resamples, seeds, units]
+        return per_seed.mean(axis=(1, 2))
+
+    means = resampled(x) - (resampled(y) if y is not None else 0.0)
+    value = x.mean() - (y.mean() if y is not None else 0.0)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Interval(float(value), float(low), float(high))

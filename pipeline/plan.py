@@ -122,6 +122,19 @@ def local_resources(cfg: RunConfig) -> Resources:
     return Resources([node], "this machine")
 
 
+def available_resources(cfg: RunConfig) -> tuple[Resources | None, list[str]]:
+    """This machine's resources (a local cluster), or the nodes of the cluster at
+    ray.address (queried); None and the problem when the cluster cannot be asked."""
+    if cfg.ray.address is None:
+        return local_resources(cfg), []
+    from pipeline.cluster import cluster_nodes
+
+    try:
+        return Resources(cluster_nodes(cfg.ray.address), f"cluster at {cfg.ray.address}"), []
+    except (ConnectionError, RuntimeError, ValueError) as err:  # reported, not raised
+        return None, [f"ray.address: cannot query the cluster at {cfg.ray.address}: {err}"]
+
+
 def _count_local_gpus() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -162,7 +175,7 @@ def _why_not(p: StagePlan, have: Resources, per_node: list[int]) -> str | None:
     return None
 
 
-def _take(p: StagePlan, free: list[dict[str, float]]) -> bool:
+def take(p: StagePlan, free: list[dict[str, float]]) -> bool:
     """Place p's units on the nodes' `free` resources (taken from them); False if they do not fit."""
     demand = p.demand()
     roomiest = lambda fits: max(fits, key=lambda i: free[i].get("CPU", 0.0), default=None)
@@ -181,6 +194,15 @@ def _take(p: StagePlan, free: list[dict[str, float]]) -> bool:
         for k, v in demand.items():
             free[i][k] = free[i].get(k, 0.0) - v
     return True
+
+
+def run_footprint(plans: list[StagePlan]) -> list[StagePlan]:
+    """What one run holds at its busiest, for placing runs side by side (a sweep): what lives
+    for the run, its largest other stage, and a CPU for Ray Data's tasks."""
+    resident = [p for p in plans if p.resident]
+    others = [p for p in plans if not p.resident and not p.is_ray_data]
+    room = StagePlan("ray data", "Ray Data's own tasks", 1, RAY_DATA_CPUS, 0, is_ray_data=True)
+    return [*resident, *([max(others, key=lambda p: p.cpus)] if others else []), room]
 
 
 def _ray_data_room(free: list[dict[str, float]]) -> bool:
@@ -207,7 +229,7 @@ def check_plan(plans: list[StagePlan], have: Resources) -> list[str]:
         bool(p.custom), p.strategy.startswith("STRICT"), p.gpus_each, p.cpus))
     held = " + ".join(f"{p.stage} {p.units} × {_fmt(p.demand())}" for p in resident)
     free = [dict(n) for n in have.nodes]
-    if not all(_take(p, free) for p in resident) or not _ray_data_room(free):
+    if not all(take(p, free) for p in resident) or not _ray_data_room(free):
         return [(f"what lives for the run ({held}) does not fit {have.source}"
                  f" ({have.cpus:g} CPU / {have.gpus:g} GPU in {len(have.nodes)} node(s)) with"
                  f" {RAY_DATA_CPUS:g} CPU left for Ray Data's tasks: fewer or smaller engine"
@@ -218,7 +240,7 @@ def check_plan(plans: list[StagePlan], have: Resources) -> list[str]:
         if p.resident:
             continue
         trial = [dict(n) for n in free]
-        if not _take(p, trial) or not (p.is_ray_data or _ray_data_room(trial)):
+        if not take(p, trial) or not (p.is_ray_data or _ray_data_room(trial)):
             problems.append(
                 f"stage '{p.stage}' ({p.units} × {_fmt(p.demand())}) does not fit beside what"
                 f" lives for the run ({held}) with {RAY_DATA_CPUS:g} CPU left for"

@@ -6,8 +6,10 @@ settings) and cached under that key; the trainer never holds a reference model.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import PoolConfig
+from pipeline.console import console
 from pipeline.manifest import Manifest, model_digest, stable_hash, write_json_atomic
 
 
@@ -73,6 +76,33 @@ def run_reference(splits: dict[str, Path], keys: dict[str, str], cache_root: Pat
     cache lacks are computed together; `client()` gives the engines' client (called only
     then: a run whose splits are all cached starts no engine).
     Returns {'paths': {split: dir}, 'rows': {split: n}, 'computed': [split, ...]}."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Runs of a sweep share one cache: one run at a time computes what it misses while the
+    # others wait on the lock (released by the OS if its holder dies), then find theirs cached.
+    with _locked(cache_root / ".lock"):
+        paths, rows, missing = _cached(splits, keys, cache_root)
+        if missing:
+            _compute_into_cache(missing, keys, cache_root, client(), pool, kl_pairs, rows, paths)
+    return {"paths": paths, "rows": rows, "computed": sorted(missing)}
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"  reference cache {path.parent}: another run is computing into"
+                          " it; waiting", soft_wrap=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached(splits: dict[str, Path], keys: dict[str, str], cache_root: Path):
+    """(paths, rows) of the splits the cache holds under their keys, and the missing ones."""
     paths, rows, missing = {}, {}, {}
     for name, path in splits.items():
         target = cache_root / keys[name]
@@ -81,20 +111,25 @@ def run_reference(splits: dict[str, Path], keys: dict[str, str], cache_root: Pat
             paths[name], rows[name] = str(target / name), done.outputs["rows"][name]
         else:
             missing[name] = path
-    if missing:
-        tmp = cache_root / f"{stable_hash(sorted(keys[n] for n in missing))}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        computed = compute_reference(missing, client(), pool, tmp, kl_pairs=kl_pairs)
-        for name in missing:
-            key, target = keys[name], cache_root / keys[name]
-            part = tmp / key
-            part.mkdir()
-            (tmp / name).rename(part / name)
-            write_json_atomic(part / "manifest.json", Manifest(
-                "reference-cache", key, {}, {"rows": {name: computed[name]}}, 0.0, 0.0).__dict__)
-            shutil.rmtree(target, ignore_errors=True)
-            part.rename(target)
-            paths[name], rows[name] = str(target / name), computed[name]
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"paths": paths, "rows": rows, "computed": sorted(missing)}
+    return paths, rows, missing
+
+
+def _compute_into_cache(missing: dict[str, Path], keys: dict[str, str], cache_root: Path,
+                        client: Any, pool: PoolConfig, kl_pairs: bool, rows: dict[str, int],
+                        paths: dict[str, str]) -> None:
+    """Compute the missing splits together, then move each into the cache under its key."""
+    tmp = cache_root / f"{stable_hash(sorted(keys[n] for n in missing))}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    computed = compute_reference(missing, client, pool, tmp, kl_pairs=kl_pairs)
+    for name in missing:
+        key, target = keys[name], cache_root / keys[name]
+        part = tmp / key
+        part.mkdir()
+        (tmp / name).rename(part / name)
+        write_json_atomic(part / "manifest.json", Manifest(
+            "reference-cache", key, {}, {"rows": {name: computed[name]}}, 0.0, 0.0).__dict__)
+        shutil.rmtree(target, ignore_errors=True)
+        part.rename(target)
+        paths[name], rows[name] = str(target / name), computed[name]
+    shutil.rmtree(tmp, ignore_errors=True)

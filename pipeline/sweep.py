@@ -1,0 +1,327 @@
+"""`rayalign sweep CONFIG loss.name=sigmoid,ipo loss.params.beta=0.05,0.1 seed=0,1,2`: a grid
+of runs, side by side on one Ray cluster, and a report that compares them.
+
+An override with several comma-separated values (commas inside [...] or {...} do not
+split) is an axis of the grid; one with a single value applies to every run. The grid is
+every combination, in the order given. Each run is a normal run directory,
+`<sweep dir>/<NN>_<key=value,...>`, started as `rayalign run CONFIG <overrides>` in its own
+driver process that joins the sweep's cluster, so it is resumable like any run: running the
+same sweep again skips every finished stage. Runs whose reference weights and data are the
+same share one reference cache (`<sweep dir>/cache/reference`, unless the config names one).
+
+Every run's config, paths and placement are checked before anything starts. Runs start
+as soon as what they hold at their busiest (pipeline.plan.run_footprint: engines, trainer,
+their largest other stage, a CPU for Ray Data) fits beside the runs already going, in grid
+order, at most `--max-concurrent` at once. A failed run is reported with its log and the
+others go on. The report (pipeline.sweep_report) is written when the last run ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig, check_paths, load_config, parse_overrides
+from pipeline.console import console, log_dir_of, quiet_driver
+
+POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str
+    values: list[Any]
+
+    @property
+    def is_seed(self) -> bool:
+        """Seeds repeat an arm; they are not an arm of their own in the report."""
+        return self.key == "seed" or self.key.endswith(".seed")
+
+
+def split_values(text: str) -> list[str]:
+    """'a,b,[1,2],{x: 1, y: 2}' → ['a', 'b', '[1,2]', '{x: 1, y: 2}']: commas at depth 0."""
+    parts, depth, start, quote = [], 0, 0, None
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def parse_grid(items: list[str]) -> tuple[dict[str, Any], list[Axis]]:
+    """The overrides every run gets, and the axes (keys with two or more values)."""
+    fixed: dict[str, Any] = {}
+    axes: list[Axis] = []
+    for item in items:
+        key, _sep, text = item.partition("=")
+        key = key.strip()
+        parse_overrides([item])  # the key's shape, as `run` checks it
+        parts = split_values(text)
+        if any(not p.strip() for p in parts):
+            raise ConfigError(f"sweep {key}: an empty value in {text!r}: give each value,"
+                              " e.g. loss.name=sigmoid,ipo")
+        if key in fixed or any(a.key == key for a in axes):
+            raise ConfigError(f"sweep {key}: given twice; give all its values at once"
+                              f" ({key}=a,b)")
+        values = [parse_overrides([f"{key}={p.strip()}"])[key] for p in parts]
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise ConfigError(f"sweep {key}: a value is given twice in {text!r}")
+        if len(values) == 1:
+            fixed[key] = values[0]
+        else:
+            axes.append(Axis(key, values))
+    if not axes:
+        raise ConfigError("sweep: nothing to sweep; give at least one key two or more values,"
+                          " e.g. loss.name=sigmoid,principled")
+    return fixed, axes
+
+
+def format_value(value: Any) -> str:
+    """A value as an override's text (YAML flow), which parse_overrides reads back."""
+    return value if isinstance(value, str) and re.fullmatch(r"[\w.+-]+", value) and \
+        parse_overrides([f"k={value}"])["k"] == value else json.dumps(value)
+
+
+def point_label(point: dict[str, Any]) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in point.items())
+
+
+def run_name(index: int, point: dict[str, Any]) -> str:
+    return f"{index:02d}_" + re.sub(r"[^\w.,=+-]", "-", point_label(point))[:100]
+
+
+@dataclass
+class SweepRun:
+    name: str
+    point: dict[str, Any]  # this run's value of each axis
+    overrides: dict[str, Any]  # all it gets: the fixed overrides, its point, run_dir, cache
+    cfg: RunConfig
+    arm: str  # the point without its seeds: what the report compares
+    status: str = "pending"  # pending | running | done | failed
+    seconds: float | None = None
+    returncode: int | None = None
+    reservation: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    def argv(self, config: str, address: str | None) -> list[str]:
+        """The `rayalign run` command of this run (what a user would type)."""
+        args = [f"{k}={format_value(v)}" for k, v in self.overrides.items() if k != "run_dir"]
+        return [sys.executable, "-m", "pipeline.cli", "run", config, *args,
+                "--run-dir", str(self.dir), *(["--ray-address", address] if address else [])]
+
+
+def expand(config: str, items: list[str], sweep_dir: Path, ray_address: str | None = None
+           ) -> tuple[RunConfig, list[Axis], list[SweepRun]]:
+    """The base config (the fixed overrides only; its run_dir the sweep's, where the sweep's
+    own logs go), the axes, and every run of the grid, each validated like `rayalign run`'s
+    config; every bad run is named at once."""
+    fixed, axes = parse_grid(items)
+    base = load_config(config, parse_overrides([], {**fixed, "run_dir": str(sweep_dir),
+                                                    "ray.address": ray_address}))
+    shared = {} if "reference.cache_dir" in fixed or any(a.key == "reference.cache_dir" for a in axes) \
+        or base.reference.cache_dir else {"reference.cache_dir": str(sweep_dir / "cache" / "reference")}
+    runs, problems = [], []
+    for i, combo in enumerate(itertools.product(*(a.values for a in axes))):
+        point = dict(zip((a.key for a in axes), combo))
+        name = run_name(i, point)
+        overrides = {**fixed, **point, **shared, "run_dir": str(sweep_dir / name)}
+        arm = point_label({a.key: v for a, v in zip(axes, combo) if not a.is_seed}) or "all"
+        try:
+            runs.append(SweepRun(name, point, overrides, load_config(config, overrides), arm))
+        except ConfigError as err:
+            problems.append((name, str(err)))
+    if problems:
+        raise ConfigError(f"{len(problems)} of the grid's {len(runs) + len(problems)} runs cannot"
+                          " run:\n" + _grouped(problems))
+    return base, axes, runs
+
+
+def _grouped(problems: list[tuple[str, str]]) -> str:
+    """'run A, run B: the problem' once for the runs that share it."""
+    by_text: dict[str, list[str]] = {}
+    for name, text in problems:
+        by_text.setdefault(text, []).append(name)
+    return "\n".join(f"run {', '.join(names)}: {text}" for text, names in by_text.items())
+
+
+class Placement:
+    """The cluster's free resources per node as runs take and give back their footprints."""
+
+    def __init__(self, nodes: list[dict[str, float]]):
+        self.free = [dict(n) for n in nodes]
+
+    def reserve(self, cfg: RunConfig) -> list[dict[str, float]] | None:
+        """Take the run's footprint; what it took per node, or None if it does not fit now."""
+        from pipeline.plan import run_footprint, stage_plans, take
+
+        trial = [dict(n) for n in self.free]
+        if not all(take(p, trial) for p in run_footprint(stage_plans(cfg))):
+            return None
+        taken = [{k: n[k] - t.get(k, 0.0) for k in n} for n, t in zip(self.free, trial)]
+        self.free = trial
+        return taken
+
+    def release(self, taken: list[dict[str, float]]) -> None:
+        for node, t in zip(self.free, taken):
+            for k, v in t.items():
+                node[k] = node.get(k, 0.0) + v
+
+
+def waves(runs: list[SweepRun], nodes: list[dict[str, float]], max_concurrent: int) -> list[list[str]]:
+    """Which runs go together if they took equal time (the --dry-run's placement)."""
+    pending, out = list(runs), []
+    while pending:
+        place, wave = Placement(nodes), []
+        for run in list(pending):
+            if len(wave) < max_concurrent and place.reserve(run.cfg) is not None:
+                wave.append(run.name)
+                pending.remove(run)
+        if not wave:  # preflight reports it
+            break
+        out.append(wave)
+    return out
+
+
+def preflight(runs: list[SweepRun], have) -> list[str]:
+    """Every run's problems (paths, placement alone on the cluster), named by run."""
+    from pipeline.plan import check_plan, stage_plans
+
+    problems = []
+    for run in runs:
+        mine = check_paths(run.cfg) + check_plan(stage_plans(run.cfg), have)
+        if not mine and Placement(have.nodes).reserve(run.cfg) is None:
+            mine.append(f"what it holds at its busiest does not fit {have.source}")
+        problems += [(run.name, p) for p in mine]
+    return _grouped(problems).splitlines() if problems else []
+
+
+def dry_run_text(config: str, axes: list[Axis], runs: list[SweepRun], have,
+                 max_concurrent: int) -> str:
+    from pipeline.plan import run_footprint, stage_plans
+
+    lines = [f"sweep of {config}: {len(runs)} runs = "
+             + " × ".join(f"{len(a.values)} {a.key}" for a in axes), ""]
+    width = max(len(r.name) for r in runs)
+    for r in runs:
+        fp = run_footprint(stage_plans(r.cfg))
+        lines.append(f"  {r.name.ljust(width)}  holds {sum(p.cpus for p in fp):g} CPU /"
+                     f" {sum(p.gpus for p in fp):g} GPU  → {r.dir}")
+    lines += ["", (f"placement on {have.source} ({have.cpus:g} CPU / {have.gpus:g} GPU in"
+              f" {len(have.nodes)} node(s)), at most {max_concurrent} at once:")]
+    lines += [f"  together: {', '.join(w)}" for w in waves(runs, have.nodes, max_concurrent)]
+    lines.append("(a run starts as soon as the runs before it leave room; equal durations shown)")
+    return "\n".join(lines)
+
+
+def write_state(sweep_dir: Path, config: str, items: list[str], runs: list[SweepRun]) -> None:
+    state = {"config": config, "grid": items, "runs": [
+        {"name": r.name, "point": r.point, "arm": r.arm, "run_dir": str(r.dir), "status": r.status,
+         "seconds": r.seconds, "returncode": r.returncode} for r in runs]}
+    tmp = sweep_dir / "sweep.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, sweep_dir / "sweep.json")
+
+
+def run_sweep(config: str, items: list[str], sweep_dir: Path | None = None,
+              max_concurrent: int | None = None, ray_address: str | None = None,
+              dry_run: bool = False) -> int:
+    from pipeline.plan import available_resources
+
+    sweep_dir = Path(sweep_dir or f"{load_config(config).run_dir}-sweep").resolve()
+    base, axes, runs = expand(config, items, sweep_dir, ray_address)
+    have, problems = available_resources(base)
+    limit = max_concurrent or len(runs)
+    if have is not None:
+        problems += preflight(runs, have)
+    if dry_run:
+        if have is not None:
+            console.print(dry_run_text(config, axes, runs, have, limit), highlight=False,
+                          soft_wrap=True)
+        console.print("\n".join(["", "problems:", *[f"  - {p}" for p in problems]]
+                                if problems else ["", "no problems found."]), highlight=False,
+                      soft_wrap=True)
+        return 1 if problems else 0
+    if problems:
+        raise ConfigError("\n".join(problems))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = log_dir_of(sweep_dir)
+    with quiet_driver(log_dir):
+        return _run_all(config, items, base, runs, have, limit, sweep_dir)
+
+
+def _run_all(config: str, items: list[str], base: RunConfig, runs: list[SweepRun], have,
+             limit: int, sweep_dir: Path) -> int:
+    from pipeline.cluster import connect
+    from pipeline.sweep_report import write_report
+
+    started = time.time()
+    info = connect(base)
+    console.print(f"sweep: {len(runs)} runs in {sweep_dir}; Ray dashboard:"
+                  f" {info['dashboard_url'] or '(not running)'}")
+    place = Placement(have.nodes)
+    pending, running = deque(runs), {}
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                taken = place.reserve(pending[0].cfg)
+                if taken is None:
+                    break
+                run = pending.popleft()
+                run.reservation, run.status = taken, "running"
+                running[run.name] = (run, _launch(run, config, info["address"]), time.time())
+                console.print(f"  ▶ {run.name} started ({len(running)} running,"
+                              f" {len(pending)} waiting); console: {run.dir / 'console.log'}")
+            write_state(sweep_dir, config, items, runs)
+            time.sleep(POLL_S)
+            for name, (run, proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                place.release(run.reservation)
+                run.returncode, run.seconds = proc.returncode, time.time() - t0
+                run.status = "done" if proc.returncode == 0 else "failed"
+                console.print(f"  {'✓' if run.status == 'done' else '[red]✗[/]'} {name}"
+                              f" {run.status} in {run.seconds:.0f} s"
+                              + ("" if run.status == "done" else
+                                 f" (exit {proc.returncode}): see {run.dir / 'console.log'}"))
+    finally:
+        for run, proc, _ in running.values():  # interrupted: the runs stop too (resumable)
+            proc.terminate()
+            run.status = "failed"
+        write_state(sweep_dir, config, items, runs)
+    report = write_report(sweep_dir, runs)
+    failed = [r.name for r in runs if r.status != "done"]
+    console.print(f"sweep took {time.time() - started:.0f} s;"
+                  f" {len(runs) - len(failed)} of {len(runs)} runs finished"
+                  + (f", failed: {', '.join(failed)}" if failed else ""))
+    console.print(f"report:     {report}")
+    return 1 if failed else 0
+
+
+def _launch(run: SweepRun, config: str, address: str) -> subprocess.Popen:
+    """`rayalign run` for this run in its own driver process, joined to the sweep's cluster;
+    its console output goes to <run_dir>/console.log."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    log = (run.dir / "console.log").open("a")
+    return subprocess.Popen(run.argv(config, address), stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "COLUMNS": "120"})

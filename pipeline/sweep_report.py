@@ -1,0 +1,242 @@
+"""The report of a sweep: its runs' final evaluations side by side, arm against arm.
+
+For each arm (a point of the grid without its seeds) at the last evaluated round: the gold
+gain over the reference, the win rate against it and the KL to it, each a mean over the
+arm's seeds and the held-out prompts with a two-level bootstrap interval (seeds and prompts
+resampled, pipeline.evalstats.seeded_mean_ci), and the mean logit gap h (the eval reward
+margin over β) beside the principled loss's target h*. Every other arm is compared with
+the first (the grid's first values): the paired difference of each metric over the same
+prompts, significant when its interval excludes 0 (each comparison at 95%, not corrected
+for the number of arms). Writes report.md, results.csv (a row per run) and two plots:
+metrics against KL (every round of every run) and training curves against the step.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.console import console
+from pipeline.evalstats import Interval, seeded_diff_ci, seeded_mean_ci
+from pipeline.metrics import read_metrics
+
+# (column of evaluate's samples.parquet, what the report calls it); per prompt
+PROMPT_METRICS = [("gain", "gold gain"), ("win", "win rate"), ("kl", "KL")]
+NULLS = {"gain": 0.0, "win": 0.5, "kl": 0.0}
+
+
+@dataclass
+class RunResult:
+    name: str
+    arm: str
+    round: int
+    metrics: dict[str, Any]  # the last evaluate row of metrics.jsonl
+    per_prompt: dict[str, dict[str, float]]  # column → {prompt: value}
+    beta: float | None
+
+
+def _last_eval(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    if not rows:
+        return None
+    last = max(r["round"] for r in rows)
+    return last, [r for r in rows if r["round"] == last][-1]  # a rerun appends: its last row
+
+
+def collect(run) -> RunResult | None:
+    """A finished run's final evaluation (None without one)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import validate_loss
+
+    found = _last_eval(run.dir)
+    if found is None:
+        return None
+    k, metrics = found
+    per_prompt: dict[str, dict[str, float]] = {}
+    path = run.dir / f"round-{k}" / "evaluate" / "samples.parquet"
+    if path.is_file():
+        t = pq.read_table(path).to_pydict()
+        prompts = t["prompt"]
+        per_prompt["kl"] = dict(zip(prompts, t["kl"]))
+        if "gold_policy" in t:
+            per_prompt["gain"] = {p: a - b for p, a, b in
+                                  zip(prompts, t["gold_policy"], t["gold_reference"])}
+            per_prompt["win"] = dict(zip(prompts, t["win"]))
+    beta = validate_loss(run.cfg.loss).get("beta")
+    return RunResult(run.name, run.arm, k, metrics, per_prompt, beta)
+
+
+def _matrix(results: list[RunResult], column: str, prompts: list[str]) -> list[list[float]]:
+    return [[r.per_prompt[column][p] for p in prompts] for r in results]
+
+
+def _common_prompts(results: list[RunResult], column: str) -> list[str]:
+    if not results or any(column not in r.per_prompt for r in results):
+        return []
+    first = results[0].per_prompt[column]
+    return [p for p in first if all(p in r.per_prompt[column] for r in results)]
+
+
+def _cell(ci: Interval | None, null: float | None = None) -> str:
+    if ci is None:
+        return "-"
+    star = " *" if null is not None and ci.excludes(null) else ""
+    return f"{ci.value:.3f} ± {ci.half_width:.3f}{star}"
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(results: list[RunResult]) -> tuple[list[dict[str, Any]], list[str]]:
+    """A row per arm (its metrics and intervals), and the comparisons with the first arm."""
+    arms: dict[str, list[RunResult]] = defaultdict(list)
+    for r in results:
+        arms[r.arm].append(r)
+    rows, notes = [], []
+    for arm, rs in arms.items():
+        row: dict[str, Any] = {"arm": arm, "seeds": len(rs), "round": max(r.round for r in rs)}
+        for column, _ in PROMPT_METRICS:
+            prompts = _common_prompts(rs, column)
+            row[column] = seeded_mean_ci(_matrix(rs, column, prompts)) if prompts else None
+        row["h"] = _mean([r.metrics["eval/rewards/margins"] / r.beta
+                          if r.beta and "eval/rewards/margins" in r.metrics else None for r in rs])
+        row["h_star"] = _mean([r.metrics.get("eval/principled/target_mean") for r in rs])
+        rows.append(row)
+    names = list(arms)
+    for arm in names[1:]:
+        base, other = arms[names[0]], arms[arm]
+        parts = []
+        for column, label in PROMPT_METRICS:
+            prompts = _common_prompts(base + other, column)
+            if not prompts:
+                continue
+            ci = seeded_diff_ci(_matrix(other, column, prompts), _matrix(base, column, prompts))
+            verdict = "significant" if ci.excludes(0.0) else "not significant"
+            parts.append(f"{label} {ci.value:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] ({verdict})")
+        if parts:
+            notes.append(f"{arm} vs {names[0]}: " + "; ".join(parts))
+    return rows, notes
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def write_report(sweep_dir: Path, runs: list) -> Path:
+    """report.md, results.csv and the plots under sweep_dir/report; the table on the console."""
+    from rich import box
+    from rich.table import Table
+
+    out = sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    results = [r for r in (collect(run) for run in runs if run.status == "done") if r]
+    rows, notes = summarize(results)
+    header = ["arm", "seeds", "round", *(label for _, label in PROMPT_METRICS), "h", "h*"]
+    table_rows = [[row["arm"], str(row["seeds"]), str(row["round"]),
+                   *(_cell(row[c], NULLS[c]) for c, _ in PROMPT_METRICS),
+                   _fmt(row["h"]), _fmt(row["h_star"])] for row in rows]
+    missing = [run.name for run in runs if run.status != "done"]
+    legend = ("± 95% interval (bootstrap over seeds and held-out prompts); * differs from the"
+              " reference (gold gain ≠ 0, win rate ≠ 0.5, KL ≠ 0); h: the eval reward margin"
+              " over β (the mean logit gap), h*: the principled loss's target")
+    md = [f"# Sweep report: {sweep_dir}", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(r) + " |" for r in table_rows), "", legend, "",
+          ("## Against the first arm (paired over the same prompts; each at 95%, not corrected"
+          " for the number of arms)"), "", *(f"- {n}" for n in notes or ["(one arm only)"]), ""]
+    if missing:
+        md += [f"Runs without results (failed or unfinished): {', '.join(missing)}", ""]
+    plots = _plots(out, runs, results)
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    _write_csv(out / "results.csv", results)
+    table = Table(title=f"sweep of {len(runs)} runs, {sweep_dir}", box=box.SIMPLE_HEAD,
+                  show_edge=False)
+    for h in header:
+        table.add_column(h, justify="left" if h == "arm" else "right")
+    for r in table_rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(legend, highlight=False)
+    for n in notes:
+        console.print(f"  {n}", highlight=False, soft_wrap=True)
+    return out / "report.md"
+
+
+CSV_KEYS = ["eval/gold_gain", "eval/gold_gain_low", "eval/gold_gain_high", "eval/win_rate",
+            "eval/win_rate_low", "eval/win_rate_high", "eval/kl", "eval/kl_low", "eval/kl_high",
+            "eval/rewards/margins", "eval/principled/target_mean", "eval/loss"]
+
+
+def _write_csv(path: Path, results: list[RunResult]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "arm", "round", *CSV_KEYS])
+        for r in results:
+            w.writerow([r.name, r.arm, r.round, *(r.metrics.get(k, "") for k in CSV_KEYS)])
+
+
+def _plots(out: Path, runs: list, results: list[RunResult]) -> list[Path]:
+    """metric_vs_kl.png (gold gain and win rate against KL, every evaluated round of every
+    run, one colour per arm) and metric_vs_step.png (training loss, reward margin and the
+    principled gap |h − h*| against the optimizer step, counted across rounds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [run for run in runs if run.status == "done"]
+    if not done:
+        return []
+    colours = {arm: f"C{i % 10}" for i, arm in enumerate(dict.fromkeys(r.arm for r in done))}
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in done:
+        evals = [r for r in read_metrics(run.dir / "metrics.jsonl") if r.get("kind") == "eval"]
+        last = {r["round"]: r for r in evals}  # a rerun appends: the last row per round
+        points = [last[k] for k in sorted(last)]
+        for ax, key in zip(axes, ["eval/gold_gain", "eval/win_rate"]):
+            xs = [p["eval/kl"] for p in points if key in p]
+            ys = [p[key] for p in points if key in p]
+            ax.plot(xs, ys, "o-", color=colours[run.arm], alpha=0.8,
+                    label=run.arm if run is next(d for d in done if d.arm == run.arm) else None)
+    for ax, key in zip(axes, ["gold gain", "win rate"]):
+        ax.set_xlabel("KL to the reference (eval)")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("every evaluated round of every run (points of a run joined in round order)")
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_kl.png", dpi=100)
+    plt.close(fig)
+    written.append(out / "metric_vs_kl.png")
+
+    keys = ["loss", "rewards/margins", "principled/gap_to_target"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(15, 4.5))
+    for run in done:
+        train = [r for r in read_metrics(run.dir / "metrics.jsonl") if r.get("kind") == "train"]
+        steps: dict[tuple[int, int], dict[str, Any]] = {}
+        for r in train:  # a resumed step appears again: its last row
+            steps[(r.get("round", 0), r.get("step", 0))] = r
+        ordered = [steps[k] for k in sorted(steps)]
+        for ax, key in zip(axes, keys):
+            ys = [(i + 1, r[key]) for i, r in enumerate(ordered) if key in r]
+            if ys:
+                ax.plot(*zip(*ys), color=colours[run.arm], alpha=0.7)
+    for ax, key in zip(axes, keys):
+        ax.set_xlabel("optimizer step (across rounds)")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, label=a) for a, c in colours.items()]
+    axes[0].legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_step.png", dpi=100)
+    plt.close(fig)
+    written.append(out / "metric_vs_step.png")
+    return written

@@ -1,0 +1,186 @@
+"""`rayalign sweep`'s grid, its refusals, its placement and its report's statistics (no Ray:
+the end-to-end sweep is tests/integration/test_sweep.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cli import build_parser, main, parse_args
+from pipeline.config import ConfigError, load_config, parse_overrides
+from pipeline.evalstats import mean_ci, paired_diff_ci, seeded_diff_ci, seeded_mean_ci
+from pipeline.sweep import Placement, SweepRun, expand, parse_grid, split_values, waves
+from pipeline.sweep_report import collect, summarize
+
+
+@pytest.fixture
+def config(tmp_path, toy_world):
+    raw = {"run_dir": str(tmp_path / "runs" / "base"),
+           "model": {"policy": str(toy_world.model_dir)},
+           "data": {"train": [str(toy_world.train_path)], "eval": [str(toy_world.eval_path)]},
+           "loss": {"name": "sigmoid", "params": {"beta": 0.1}},
+           "train": {"num_workers": 2, "cpus_per_worker": 0.5, "micro_batch_size": 4,
+                     "global_batch_size": 16},
+           "reward": {"kind": "function", "function": "workers.rewards:toy_gold_rewards"},
+           "ray": {"num_cpus": 8}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_values_split_at_top_level_commas_only():
+    assert split_values("a,b") == ["a", "b"]
+    assert split_values("[0.9,0.99],[0.8,0.9]") == ["[0.9,0.99]", "[0.8,0.9]"]
+    assert split_values("{beta: 0.1, target: auto},{beta: 1}") == ["{beta: 0.1, target: auto}",
+                                                                  "{beta: 1}"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+
+
+def test_grid_separates_axes_from_fixed_overrides():
+    fixed, axes = parse_grid(["loss.name=sigmoid,ipo", "train.learning_rate=1e-4",
+                              "seed=0,1,2", "train.adam_betas=[0.9,0.99]"])
+    assert fixed == {"train.learning_rate": 1e-4, "train.adam_betas": [0.9, 0.99]}
+    assert [(a.key, a.values, a.is_seed) for a in axes] == [
+        ("loss.name", ["sigmoid", "ipo"], False), ("seed", [0, 1, 2], True)]
+
+
+@pytest.mark.parametrize("items, match", [
+    (["loss.name=sigmoid,,ipo"], "an empty value"),
+    (["loss.name="], "an empty value"),
+    (["loss.name=sigmoid,sigmoid"], "given twice"),
+    (["seed=0,1", "seed=2,3"], "given twice"),
+    (["train.learning_rate=1e-4"], "nothing to sweep"),
+    (["noequals"], "expected key.path=value"),
+])
+def test_bad_grids_are_refused(items, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_grid(items)
+
+
+def test_the_grid_expands_in_order_with_seeds_outside_the_arms(config, tmp_path):
+    base, _axes, runs = expand(config, ["loss.name=sigmoid,ipo", "seed=0,1"], tmp_path / "sw")
+    assert [r.name for r in runs] == ["00_name=sigmoid,seed=0", "01_name=sigmoid,seed=1",
+                                      "02_name=ipo,seed=0", "03_name=ipo,seed=1"]
+    assert [r.arm for r in runs] == ["name=sigmoid"] * 2 + ["name=ipo"] * 2
+    r = runs[3]
+    assert r.cfg.loss.name == "ipo" and r.cfg.run_dir == str(tmp_path / "sw" / r.name)
+    # the run seed reseeds every seeded section
+    assert (r.cfg.train.seed, r.cfg.sampling.seed, r.cfg.rounds.seed) == (1, 1, 1)
+    # one reference cache for the whole sweep
+    assert {x.cfg.reference.cache_dir for x in runs} == {str(tmp_path / "sw" / "cache" / "reference")}
+    assert base.run_dir == str(tmp_path / "sw")
+    # each run's command is `rayalign run` with its overrides, and reads back the same config
+    argv = r.argv(config, "127.0.0.1:6379")
+    assert argv[2:5] == ["pipeline.cli", "run", config] and argv[-2:] == ["--ray-address", "127.0.0.1:6379"]
+    args = parse_args(build_parser(), argv[3:])
+    again = load_config(args.config, parse_overrides(args.overrides, {"run_dir": args.run_dir}))
+    assert again.model_dump() == r.cfg.model_dump()
+
+
+def test_a_config_that_names_its_cache_keeps_it(config, tmp_path):
+    _, _, runs = expand(config, ["loss.name=sigmoid,ipo", f"reference.cache_dir={tmp_path}/c"],
+                        tmp_path / "sw")
+    assert {r.cfg.reference.cache_dir for r in runs} == {f"{tmp_path}/c"}
+
+
+def test_every_run_that_cannot_run_is_named_before_any_work(config, tmp_path):
+    with pytest.raises(ConfigError, match="train.nope: unknown key") as err:
+        expand(config, ["loss.name=sigmoid,ipo", "train.nope=1,2"], tmp_path / "sw")
+    assert "4 of the grid's 4 runs" in str(err.value)
+    # a loss whose needs the mode cannot meet: that run alone is named
+    with pytest.raises(ConfigError) as err:
+        expand(config, ["loss.name=sigmoid,sppo"], tmp_path / "sw")
+    assert "1 of the grid's 2 runs" in str(err.value) and "01_name=sppo" in str(err.value)
+    assert "win_rates" in str(err.value) and "00_name=sigmoid" not in str(err.value)
+
+
+def test_runs_are_placed_side_by_side_as_far_as_the_cluster_holds(config, tmp_path):
+    _, _, runs = expand(config, ["loss.name=sigmoid,ipo,simpo"], tmp_path / "sw")
+    # a run holds reference 1 + policy 1 + trainer 2 × 0.5 + a CPU for Ray Data = 4 CPU
+    assert waves(runs, [{"CPU": 8.0}], 3) == [[runs[0].name, runs[1].name], [runs[2].name]]
+    assert waves(runs, [{"CPU": 8.0}], 1) == [[r.name] for r in runs]
+    assert waves(runs, [{"CPU": 8.0}, {"CPU": 8.0}], 3) == [[r.name for r in runs]]
+    place = Placement([{"CPU": 8.0}])
+    a, b = place.reserve(runs[0].cfg), place.reserve(runs[1].cfg)
+    assert a is not None and b is not None and place.reserve(runs[2].cfg) is None
+    place.release(a)
+    assert place.reserve(runs[2].cfg) is not None
+
+
+def test_dry_run_prints_the_grid_and_placement_and_starts_nothing(config, tmp_path, capsys):
+    rc = main(["sweep", config, "loss.name=sigmoid,ipo", "seed=0,1", "--dry-run",
+               "--sweep-dir", str(tmp_path / "sw"), "--max-concurrent", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "4 runs = 2 loss.name × 2 seed" in out and "holds 4 CPU / 0 GPU" in out
+    assert "together: 00_name=sigmoid,seed=0, 01_name=sigmoid,seed=1" in out
+    assert "no problems found." in out
+    assert not (tmp_path / "sw").exists()
+    # a run that cannot be placed alone is a problem
+    rc = main(["sweep", config, "loss.name=sigmoid,ipo", "ray.num_cpus=3", "--dry-run",
+               "--sweep-dir", str(tmp_path / "sw")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "problems:" in out and "run 00_name=sigmoid, 01_name=ipo:" in out
+
+
+def test_seeded_intervals_reduce_to_the_paired_bootstrap_with_one_seed():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0, 1, 40), rng.normal(0.3, 1, 40)
+    assert seeded_mean_ci([x]) == mean_ci(x)
+    d, p = seeded_diff_ci([y], [x]), paired_diff_ci(y, x)  # (mean y − mean x vs mean of y − x)
+    assert (d.value, d.low, d.high) == pytest.approx((p.value, p.low, p.high), abs=1e-12)
+
+
+def test_seeded_intervals_hold_the_spread_between_seeds():
+    rng = np.random.default_rng(1)
+    prompts = rng.normal(0, 0.1, 64)
+    close = np.stack([prompts + 0.01 * s for s in range(3)])
+    apart = np.stack([prompts + 1.0 * s for s in range(3)])
+    assert seeded_mean_ci(apart).half_width > 10 * seeded_mean_ci(close).half_width
+    # an arm shifted by 0.5 against another, on the same prompts: the paired difference is
+    # exact and significant; the seed counts may differ
+    d = seeded_diff_ci(close[:2] + 0.5, close)
+    assert d.low > 0.4 and d.high < 0.6 and d.excludes(0.0)
+    with pytest.raises(ValueError, match="different units"):
+        seeded_diff_ci(close, close[:, :10])
+
+
+def _finished_run(tmp_path, name, arm, gain, kl, loss="sigmoid"):
+    """A run directory holding what the report reads: the eval row and the samples."""
+    from pipeline.config import parse_config
+
+    run_dir = tmp_path / name
+    evaluate = run_dir / "round-0" / "evaluate"
+    evaluate.mkdir(parents=True)
+    prompts = [f"p{i}" for i in range(len(gain))]
+    pq.write_table(pa.table({"prompt": prompts, "kl": kl, "gold_policy": gain,
+                             "gold_reference": [0.0] * len(gain),
+                             "win": [float(g > 0) + 0.5 * (g == 0) for g in gain]}),
+                   evaluate / "samples.parquet")
+    row = {"kind": "eval", "round": 0, "eval/rewards/margins": 0.2,
+           **({"eval/principled/target_mean": 5.0} if loss == "principled" else {})}
+    (run_dir / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = parse_config({"run_dir": str(run_dir), "model": {"policy": "m"}, "data": {"train": ["x"]},
+                        "loss": {"name": loss, "params": {"beta": 0.1}}})
+    return SweepRun(name, {}, {}, cfg, arm, status="done")
+
+
+def test_report_compares_each_arm_with_the_first_over_the_same_prompts(tmp_path):
+    rng = np.random.default_rng(2)
+    base = rng.normal(0.0, 0.05, 32)
+    runs = [_finished_run(tmp_path, f"r{s}", "name=sigmoid", base + 0.01 * s, [0.1] * 32)
+            for s in range(2)]
+    runs += [_finished_run(tmp_path, f"q{s}", "name=principled", base + 0.2 + 0.01 * s,
+                           [0.3] * 32, "principled") for s in range(2)]
+    rows, notes = summarize([collect(r) for r in runs])
+    assert [(r["arm"], r["seeds"]) for r in rows] == [("name=sigmoid", 2), ("name=principled", 2)]
+    assert rows[1]["gain"].value == pytest.approx(base.mean() + 0.205)
+    assert rows[1]["h"] == pytest.approx(2.0) and rows[1]["h_star"] == 5.0
+    assert rows[0]["h_star"] is None
+    assert len(notes) == 1 and notes[0].startswith("name=principled vs name=sigmoid: gold gain +0.200")
+    assert "gold gain +0.200 [" in notes[0] and "(significant)" in notes[0]
