@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import DataConfig
+from pipeline.config import PrepareConfig
 from pipeline.data import normalize_row, tokenize_pair
 from workers.logprobs import ResponseLogps
 from workers.packing import attention_mode
@@ -26,7 +26,7 @@ from workers.train_step import pair_loss, rows_to_pairs
 
 
 def load_pairs(toy: Path, tokenizer) -> list[dict]:
-    cfg = DataConfig(train=["x"], chat_template="always", max_prompt_tokens=64,
+    cfg = PrepareConfig(chat_template="always", max_prompt_tokens=64,
                      max_response_tokens=64)
     return [tokenize_pair(normalize_row(r, cfg), tokenizer, cfg)
             for r in pq.read_table(toy / "train.parquet").to_pylist()]

@@ -278,11 +278,11 @@ def load_pairs(tokenizer_path: Path, toy: Path = TOY, limit: int | None = None,
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from pipeline.config import DataConfig
+    from pipeline.config import PrepareConfig
     from pipeline.data import normalize_row, tokenize_pair
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    cfg = DataConfig(train=["-"], chat_template="always", max_prompt_tokens=max_prompt_tokens,
+    cfg = PrepareConfig(chat_template="always", max_prompt_tokens=max_prompt_tokens,
                      max_response_tokens=max_response_tokens)
     rows = pq.read_table(ensure_toy(toy) / "train.parquet").to_pylist()[:limit]
     return [tokenize_pair(normalize_row(r, cfg), tokenizer, cfg) for r in rows]

@@ -15,20 +15,20 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config import PrepareConfig
 from pipeline.data import normalize_row, render_prompt, tokenize_pair
 from workers.train_step import policy_pair_logps, rows_to_pairs
 
 Row = dict[str, Any]
 
 
-def data_config(max_prompt_tokens: int = 64, max_response_tokens: int = 64) -> DataConfig:
+def data_config(max_prompt_tokens: int = 64, max_response_tokens: int = 64) -> PrepareConfig:
     """The demo's data settings: toy prompts are plain strings rendered as a ChatML user turn."""
-    return DataConfig(train=["-"], chat_template="always", max_prompt_tokens=max_prompt_tokens,
+    return PrepareConfig(chat_template="always", max_prompt_tokens=max_prompt_tokens,
                       max_response_tokens=max_response_tokens, truncation="keep_end")
 
 
-def tokenize_rows(raw: Sequence[Row], tokenizer: Any, cfg: DataConfig) -> list[Row]:
+def tokenize_rows(raw: Sequence[Row], tokenizer: Any, cfg: PrepareConfig) -> list[Row]:
     """Input rows (prompt/chosen/rejected/scores) → prepared pairs, via the prepare stage's
     own `normalize_row` + `tokenize_pair`; keeps the toy's `label_flipped` flag."""
     out = []
@@ -39,12 +39,12 @@ def tokenize_rows(raw: Sequence[Row], tokenizer: Any, cfg: DataConfig) -> list[R
     return out
 
 
-def load_pairs(path: str, tokenizer: Any, cfg: DataConfig, limit: int | None = None) -> list[Row]:
+def load_pairs(path: str, tokenizer: Any, cfg: PrepareConfig, limit: int | None = None) -> list[Row]:
     raw = pq.read_table(path).to_pylist()
     return tokenize_rows(raw[:limit] if limit else raw, tokenizer, cfg)
 
 
-def prompt_rows(texts: Sequence[str], tokenizer: Any, cfg: DataConfig) -> list[Row]:
+def prompt_rows(texts: Sequence[str], tokenizer: Any, cfg: PrepareConfig) -> list[Row]:
     """Prompts as the sample stage builds them: {prompt_id, prompt_text, prompt_ids}."""
     rows = []
     for i, text in enumerate(texts):

@@ -7,7 +7,7 @@ better than DPO? Same data, budget and seeds for every loss, on the offline toy 
 Runs in-process without Ray: the toy model is tiny, so plain torch on CPU is fast. It reuses
 the pipeline's code path — `pipeline.data` tokenisation, `workers.train_step.policy_pair_logps`
 + `workers.losses.compute_loss` on a `workers.logprobs.ResponseLogps` model, the trainer's
-`lr_lambda`, `pipeline.pairs.build_pairs` and the gold reward `workers.rewards` — except that
+`lr_lambda`, `pipeline.pairs.build_pairs` and the gold reward `pipeline.toy.reward` — except that
 reference log-probs come from an fp32 HF forward of the frozen initial model (not vLLM) and
 samples from HF `generate` (not vLLM).
 

@@ -20,7 +20,7 @@ from bench.study_train import pair_logps
 from pipeline.config import RoundsConfig
 from pipeline.evalstats import sequence_kl, wins
 from pipeline.pairs import build_pairs
-from workers.rewards import toy_gold_rewards, toy_reward_parts
+from pipeline.toy.reward import toy_gold_rewards, toy_reward_parts
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import (
-    ConfigError,
-    RunConfig,
-    check_paths,
-    load_config,
-    parse_overrides,
-    validate_loss,
-)
+from pipeline.config import ConfigError, RunConfig, load_config, parse_overrides, validate_loss
+from pipeline.preflight import check_paths
 from pipeline.standalone import UsageError
 from pipeline.submit import ClusterUnreachable, add_job_commands
 

@@ -26,12 +26,9 @@ from pipeline.config import (
     ConfigError,
     RunConfig,
     TrainConfig,
-    check_paths,
-    expand_paths,
     load_config,
     loss_needs,
     needs_sampled_rounds,
-    with_absolute_paths,
 )
 from pipeline.console import (
     StageDisplay,
@@ -52,6 +49,7 @@ from pipeline.manifest import (
     scratch_dir,
     stable_hash,
 )
+from pipeline.preflight import check_paths, expand_paths, with_absolute_paths
 
 
 @dataclass

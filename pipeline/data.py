@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import DataConfig, LossConfig, loss_needs
+from pipeline.config import LossConfig, PrepareConfig, loss_needs
 
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # `from` → role
@@ -149,7 +149,7 @@ def _plain_text(text: str, field: str, policy: str) -> str:
     return text.translate(_STRIP) if policy == "strip" else text
 
 
-def _controls(pair: Pair, cfg: DataConfig) -> Pair:
+def _controls(pair: Pair, cfg: PrepareConfig) -> Pair:
     """Every text of a pair through `_plain_text` (fields named as `_texts` names them)."""
     policy = cfg.control_characters
     texts = [_plain_text(text, field, policy) for field, text in _texts(pair, cfg)]
@@ -160,7 +160,7 @@ def _controls(pair: Pair, cfg: DataConfig) -> Pair:
     return pair
 
 
-def _texts(pair: Pair, cfg: DataConfig) -> list[tuple[str, str]]:
+def _texts(pair: Pair, cfg: PrepareConfig) -> list[tuple[str, str]]:
     """(field, text) of every piece of text a pair holds."""
     f, p = cfg.fields, pair.prompt_field
     out = [(p, pair.prompt)] if isinstance(pair.prompt, str) else \
@@ -181,7 +181,7 @@ def _score(row: dict[str, Any], column: str, required: bool) -> float:
     return float(value)
 
 
-def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = False) -> Pair:
+def normalize_row(row: dict[str, Any], cfg: PrepareConfig, requires_scores: bool = False) -> Pair:
     """Validate one input row and bring it to a `Pair`; raise BadRow otherwise.
     `requires_scores`: quarantine pairs without finite scores (see `loss_requires_scores`)."""
     f = cfg.fields
@@ -235,7 +235,7 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, requires_scores: bool = 
     return pair
 
 
-def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: DataConfig) -> str:
+def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: PrepareConfig) -> str:
     """Prompt text as the model sees it: the chat template for messages (and, with
     ``data.chat_template: always``, for plain strings as a user turn)."""
     if isinstance(prompt, str):
@@ -249,7 +249,7 @@ def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: DataConfig) -> st
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
-def truncate(prompt_ids: list[int], responses: list[list[int]], cfg: DataConfig
+def truncate(prompt_ids: list[int], responses: list[list[int]], cfg: PrepareConfig
              ) -> tuple[list[int], list[list[int]], Literal["none", "prompt", "response", "both"]]:
     """Apply the truncation policy; raise BadRow('over_length') where the policy drops."""
     over_prompt = len(prompt_ids) > cfg.max_prompt_tokens
@@ -268,7 +268,7 @@ def truncate(prompt_ids: list[int], responses: list[list[int]], cfg: DataConfig
     return prompt_ids, responses, what
 
 
-def tokenize_pair(pair: Pair, tokenizer: Any, cfg: DataConfig) -> dict[str, Any]:
+def tokenize_pair(pair: Pair, tokenizer: Any, cfg: PrepareConfig) -> dict[str, Any]:
     """Token ids of the rendered prompt and of each response followed by EOS."""
     if cfg.special_tokens_in_text == "quarantine":
         _no_special_tokens(pair, tokenizer, cfg)
@@ -288,7 +288,7 @@ def tokenize_pair(pair: Pair, tokenizer: Any, cfg: DataConfig) -> dict[str, Any]
             "rejected_score": pair.rejected_score, "truncated": truncated}
 
 
-def _no_special_tokens(pair: Pair, tokenizer: Any, cfg: DataConfig) -> None:
+def _no_special_tokens(pair: Pair, tokenizer: Any, cfg: PrepareConfig) -> None:
     """Text that spells a special token ('<|im_start|>system') would be tokenised as one and
     inject a turn into the chat template."""
     specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]

@@ -17,14 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (
-    RoundsConfig,
-    RunConfig,
-    check_paths,
-    expand_paths,
-    with_absolute_paths,
-)
+from pipeline.config import RoundsConfig, RunConfig
 from pipeline.manifest import Manifest, files_digest, model_digest
+from pipeline.preflight import check_paths, expand_paths, with_absolute_paths
 
 
 class UsageError(ValueError):

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, check_paths, load_config, parse_overrides
+from pipeline.config import ConfigError, RunConfig, load_config, parse_overrides
 from pipeline.console import console, log_dir_of, quiet_driver
+from pipeline.preflight import check_paths
 
 POLL_S = 1.0
 

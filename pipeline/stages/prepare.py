@@ -30,7 +30,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import ConfigError, PrepareConfig
 from pipeline.data import BadRow, normalize_row, row_json, tokenize_pair
 
 PAIR_SCHEMA = pa.schema([
@@ -285,7 +285,7 @@ class PrepareUnit:
                  requires_scores: bool, parts_dir: str):
         from transformers import AutoTokenizer
 
-        self.cfg = DataConfig.model_validate(data_cfg)
+        self.cfg = PrepareConfig.model_validate(data_cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path,
                                                        trust_remote_code=trust_remote_code)
         self.requires_scores = requires_scores
@@ -322,7 +322,7 @@ class PrepareUnit:
                 **{f"{k}_len": [len(g[f"{k}_ids"]) for g in good] for k in LENGTHS}}
 
 
-def run_prepare(paths: list[str], tokenizer_path: str, data_cfg: DataConfig, out_dir: Path,
+def run_prepare(paths: list[str], tokenizer_path: str, data_cfg: PrepareConfig, out_dir: Path,
                 trust_remote_code: bool, concurrency: int = 2, requires_scores: bool = False,
                 rows_per_part: int = 4096, console: Console | None = None) -> dict[str, Any]:
     """Validate + tokenise `paths` into out_dir/pairs.parquet/ (part files) and
@@ -335,7 +335,7 @@ def run_prepare(paths: list[str], tokenizer_path: str, data_cfg: DataConfig, out
     parts_dir.mkdir(parents=True)
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 256)))
     ds = ds.map_batches(
-        PrepareUnit, fn_constructor_args=(tokenizer_path, data_cfg.model_dump(), trust_remote_code,
+        PrepareUnit, fn_constructor_args=(tokenizer_path, data_cfg.model_dump(include=set(PrepareConfig.model_fields)), trust_remote_code,
                                           requires_scores, str(parts_dir.resolve())),
         batch_size=1, concurrency=max(1, min(concurrency, len(units))), num_cpus=0.5,
         batch_format="numpy")

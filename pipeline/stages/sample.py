@@ -13,7 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import DataConfig, RunConfig, expand_paths
+from pipeline.config import PrepareConfig, RunConfig
+from pipeline.preflight import expand_paths
 
 
 def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, Any]]:
@@ -26,7 +27,7 @@ def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, A
 
         tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
                                             trust_remote_code=cfg.model.trust_remote_code)
-        render_cfg = DataConfig(train=["-"], chat_template="always",
+        render_cfg = PrepareConfig(chat_template="always",
                                 system_prompt=cfg.data.system_prompt)
         pool = []
         for path in expand_paths(cfg.rounds.prompts, "rounds.prompts"):

@@ -17,7 +17,7 @@ lowercase items and a final period:
 The SFT data follows this grammar with deliberate noise (wrong count, an item of another
 category, the excluded item slipping in, a repeat), so the SFT model's samples vary in quality.
 
-The gold reward (`workers.rewards.toy_gold_reward`), in [0, 2]
+The gold reward (`pipeline.toy.reward.toy_gold_reward`), in [0, 2]
 ---------------------------------------------------------------
     quality = max(0, (min(hits, n) - 0.5 * misses) / n)        in [0, 1]
         hits   = distinct items that belong to the category and are not the excluded one

@@ -34,8 +34,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.toy.reward import ToyRewardParts, toy_reward_parts
 from pipeline.toy.task import sample_example, sample_prompts
-from workers.rewards import ToyRewardParts, toy_reward_parts
 
 BUILD_VERSION = 1  # bump when the task, reward or recipe changes: old worlds get rebuilt
 

@@ -2,7 +2,7 @@
 
 Everything here is pure Python and driven by an explicit `random.Random`, so the same seed
 gives the same prompts, responses and corpus. The task and its gold reward are described
-in `pipeline/toy/__init__.py`; the reward itself lives in `workers/rewards.py`.
+in `pipeline/toy/__init__.py`; the reward itself lives in `pipeline/toy/reward.py`.
 """
 
 from __future__ import annotations

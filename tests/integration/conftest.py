@@ -73,7 +73,7 @@ def make_config(toy_world):
                           "engine": {"dtype": "float32", "max_model_len": 256}},
             "sampling": {"batch_size": 64, "max_tokens": 32,
                          "engine": {"dtype": "float32", "max_model_len": 256}},
-            "reward": {"kind": "function", "function": "workers.rewards:toy_gold_rewards"},
+            "reward": {"kind": "function", "function": "pipeline.toy.reward:toy_gold_rewards"},
             "eval": {"num_prompts": 16},
             "ray": {"num_cpus": 6},
         }

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, DataConfig, expand_paths
+from pipeline.config import ConfigError, PrepareConfig
+from pipeline.preflight import expand_paths
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ def test_prepare_counts_and_provenance(ray_cluster, toy_world, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), a, row_group_size=3)  # 4 row groups
     b = tmp_path / "b.parquet"
     pq.write_table(pq.read_table(toy_world.train_chat_path).slice(0, 5), b)
-    cfg = DataConfig(train=[str(a), str(b)], chat_template="always", max_quarantine_fraction=0.5)
+    cfg = PrepareConfig(chat_template="always", max_quarantine_fraction=0.5)
     out = tmp_path / "out"
     stats = run_prepare([str(a), str(b)], str(toy_world.model_dir), cfg, out, False)
     assert stats["rows_in"] == 15 and stats["pairs"] == 11 and stats["quarantined"] == 4
@@ -45,7 +46,7 @@ def test_prepare_counts_and_provenance(ray_cluster, toy_world, tmp_path):
         assert (s["prompt_ids"], s["chosen_ids"], s["rejected_ids"]) == \
                (c["prompt_ids"], c["chosen_ids"], c["rejected_ids"])
 
-    cfg = DataConfig(train=[str(a)], chat_template="always", max_quarantine_fraction=0.1)
+    cfg = PrepareConfig(chat_template="always", max_quarantine_fraction=0.1)
     with pytest.raises(ConfigError, match="4 of 10 rows"):
         run_prepare([str(a)], str(toy_world.model_dir), cfg, tmp_path / "out2", False)
 
@@ -56,7 +57,7 @@ def test_corrupt_parquet_is_named(ray_cluster, toy_world, tmp_path):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ConfigError, match="broken.parquet: cannot read as parquet"):
-        run_prepare([str(bad)], str(toy_world.model_dir), DataConfig(train=[str(bad)]),
+        run_prepare([str(bad)], str(toy_world.model_dir), PrepareConfig(),
                     tmp_path / "o", False)
 
 
@@ -71,7 +72,7 @@ def test_prepare_globs_uris_and_formats(ray_cluster, toy_world, tmp_path):
     paths = expand_paths([str(FORMATS / "s[ct]*.parquet"), str(FORMATS / "trl_*.parquet")], "t")
     paths.append((FORMATS / "messages.parquet").as_uri())
     assert sorted(Path(p.removeprefix("file://")).stem for p in paths) == sorted(names)
-    cfg = DataConfig(train=["x"], chat_template="always", max_quarantine_fraction=0.0)
+    cfg = PrepareConfig(chat_template="always", max_quarantine_fraction=0.0)
     stats = run_prepare(paths, str(toy_world.model_dir), cfg, tmp_path / "out", False,
                         rows_per_part=2)
     assert (stats["pairs"], stats["quarantined"], stats["parts"]) == (15, 0, 10)
@@ -102,7 +103,7 @@ def test_prepare_new_formats_and_quarantine(ray_cluster, toy_world, tmp_path, mo
                                           *make_formats.FILES)] + ["rayalign/tiny-prefs"]
     paths = expand_paths(sources, "data.train")
     assert len(paths) == len(sources)  # each of these is one file
-    cfg = DataConfig(train=sources, chat_template="always", max_quarantine_fraction=0.0)
+    cfg = PrepareConfig(chat_template="always", max_quarantine_fraction=0.0)
     stats = run_prepare(paths, str(toy_world.model_dir), cfg, tmp_path / "out", False,
                         rows_per_part=2)
     assert (stats["pairs"], stats["quarantined"]) == (3 * len(paths), 0)
@@ -116,7 +117,7 @@ def test_prepare_new_formats_and_quarantine(ray_cluster, toy_world, tmp_path, mo
     assert len({repr(v) for v in tokens.values()}) == 1 and len(tokens) == len(paths)
 
     bad = [str(FORMATS / name) for name in sorted(make_formats.BAD_JSON)]
-    cfg = DataConfig(train=bad, chat_template="always", max_quarantine_fraction=1.0)
+    cfg = PrepareConfig(chat_template="always", max_quarantine_fraction=1.0)
     stats = run_prepare(bad, str(toy_world.model_dir), cfg, tmp_path / "bad", False,
                         rows_per_part=3)
     q = pq.read_table(tmp_path / "bad" / "quarantine.parquet").to_pylist()
@@ -193,7 +194,7 @@ def test_prepare_100k_pairs(ray_cluster, toy_world, tmp_path):
         path = tmp_path / f"big-{f}.parquet"
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10_000)
         paths.append(str(path))
-    cfg = DataConfig(train=["x"], max_prompt_tokens=64, max_response_tokens=32)
+    cfg = PrepareConfig(max_prompt_tokens=64, max_response_tokens=32)
     t0 = time.perf_counter()
     stats = run_prepare(paths, str(toy_world.model_dir), cfg, tmp_path / "out", False,
                         requires_scores=True, rows_per_part=8192)

@@ -205,9 +205,9 @@ def test_reference_cache_hit_and_miss(round_run, make_config, tmp_path, capsys):
     reference log-probs from the cache, the same files, and starts no engine actor; a
     changed length setting gives another key, which the cache does not hold."""
     from pipeline.cluster import worker_env
-    from pipeline.config import with_absolute_paths
     from pipeline.dag import OFFLINE_ROUND, Round, _reference_inputs, run_stages
     from pipeline.manifest import Manifest
+    from pipeline.preflight import with_absolute_paths
     from pipeline.stages.reference import cache_key
 
     cfg, run_dir = round_run

@@ -8,7 +8,7 @@ import collections
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import ConfigError, PrepareConfig
 from pipeline.stages.prepare import row_group_units, table_rows
 from tests.unit.conftest import DATA, load_data_script
 
@@ -16,8 +16,8 @@ make_bad = load_data_script("make_bad")
 BAD = DATA / "bad"
 
 
-def cfg(**kw) -> DataConfig:
-    return DataConfig(train=["x"], truncation="drop", max_prompt_tokens=48,
+def cfg(**kw) -> PrepareConfig:
+    return PrepareConfig(truncation="drop", max_prompt_tokens=48,
                       max_response_tokens=64, chat_template="always", **kw)
 
 

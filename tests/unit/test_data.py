@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from pipeline.config import DataConfig
+from pipeline.config import PrepareConfig
 from pipeline.data import BadRow, normalize_row, render_prompt, tokenize_pair, truncate
 from pipeline.toy.build import train_tokenizer
 
-CFG = DataConfig(train=["x"])
+CFG = PrepareConfig()
 USER = [{"role": "user", "content": "List two fruits."}]
 ASSIST = lambda text: [{"role": "assistant", "content": text}]
 
@@ -84,7 +84,7 @@ def test_bytes_and_ultrafeedback_prompts_normalise():
 
 
 def test_chat_rendering_and_tokenisation(tok):
-    cfg = DataConfig(train=["x"], chat_template="always", system_prompt="Be brief.")
+    cfg = PrepareConfig(chat_template="always", system_prompt="Be brief.")
     text = render_prompt("List two fruits.", tok, cfg)
     assert text.endswith("<|im_start|>assistant\n") and "Be brief." in text
     assert render_prompt("List two fruits.", tok, CFG) == "List two fruits."
@@ -97,15 +97,15 @@ def test_chat_rendering_and_tokenisation(tok):
 
 @pytest.mark.parametrize("policy, expect_prompt", [("keep_end", [3, 4, 5]), ("keep_start", [1, 2, 3])])
 def test_truncation_policies(policy, expect_prompt):
-    cfg = DataConfig(train=["x"], max_prompt_tokens=3, max_response_tokens=2, truncation=policy)
+    cfg = PrepareConfig(max_prompt_tokens=3, max_response_tokens=2, truncation=policy)
     prompt, responses, what = truncate([1, 2, 3, 4, 5], [[7, 8, 9], [6]], cfg)
     assert prompt == expect_prompt and responses == [[7, 8], [6]] and what == "both"
 
 
 @pytest.mark.parametrize("policy", ["drop", "truncate_response"])
 def test_truncation_drops_long_prompts(policy):
-    cfg = DataConfig(train=["x"], max_prompt_tokens=3, truncation=policy)
+    cfg = PrepareConfig(max_prompt_tokens=3, truncation=policy)
     with pytest.raises(BadRow, match="over_length"):
         truncate([1, 2, 3, 4], [[7], [6]], cfg)
-    cfg = DataConfig(train=["x"], max_response_tokens=1, truncation="truncate_response")
+    cfg = PrepareConfig(max_response_tokens=1, truncation="truncate_response")
     assert truncate([1], [[7, 8], [6]], cfg)[1] == [[7], [6]]

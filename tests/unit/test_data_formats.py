@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from pipeline.config import ConfigError, DataConfig, FieldMap, LossConfig, expand_paths
+from pipeline.config import ConfigError, FieldMap, LossConfig, PrepareConfig
 from pipeline.data import loss_requires_scores, normalize_row, tokenize_pair
+from pipeline.preflight import expand_paths
 from pipeline.stages.prepare import (
     arrow_table,
     file_rows,
@@ -35,8 +36,8 @@ GOOD = ["strings", "scored", "trl_chat", "trl_implicit", "ultrafeedback", "messa
 GOOD_FILES = [f"{name}.parquet" for name in GOOD] + list(make_formats.FILES)
 
 
-def data_cfg(name: str = "", **kw) -> DataConfig:
-    return DataConfig(train=["x"], fields=FieldMap(**make_formats.FIELDS.get(name, {})), **kw)
+def data_cfg(name: str = "", **kw) -> PrepareConfig:
+    return PrepareConfig(fields=FieldMap(**make_formats.FIELDS.get(name, {})), **kw)
 
 
 def _saved_table(path: Path) -> pa.Table:
@@ -148,7 +149,7 @@ def test_unreadable_files_are_named(tmp_path):
         row_group_units([(tmp_path / "missing.parquet").as_uri()])
     with pytest.raises(ConfigError, match="directory holds no .parquet"):
         (tmp_path / "empty").mkdir()
-        run_prepare([(tmp_path / "empty").as_uri()], "unused", DataConfig(train=["x"]),
+        run_prepare([(tmp_path / "empty").as_uri()], "unused", PrepareConfig(),
                     tmp_path / "o", False)
 
 
@@ -297,7 +298,8 @@ def test_save_to_disk_directories(tmp_path):
 
 
 def test_check_paths_accepts_saved_directories_and_cached_names(hf_cache, tmp_path):
-    from pipeline.config import check_paths, parse_config, with_absolute_paths
+    from pipeline.config import parse_config
+    from pipeline.preflight import check_paths, with_absolute_paths
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors").write_bytes(b"")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import ConfigError, DataConfig, LossConfig, parse_config
+from pipeline.config import ConfigError, LossConfig, PrepareConfig, parse_config
 from pipeline.data import normalize_row, tokenize_pair
 from pipeline.pairs import win_rates
 from pipeline.stages.evaluate import eval_loss_metrics, eval_pair_logps
@@ -32,7 +32,7 @@ def world(toy_world):
 
     tok = AutoTokenizer.from_pretrained(toy_world.model_dir)
     model = AutoModelForCausalLM.from_pretrained(toy_world.model_dir, dtype=torch.float32)
-    data = DataConfig(train=["unused"], chat_template="always", max_prompt_tokens=64,
+    data = PrepareConfig(chat_template="always", max_prompt_tokens=64,
                       max_response_tokens=64)
 
     def pairs(path):
@@ -185,7 +185,7 @@ def test_offline_refuses_a_loss_needing_win_rates(tmp_path, capsys, monkeypatch)
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "needs win_rates" in capsys.readouterr().err
     sampled = {**raw, "rounds": {"mode": "iterative", "count": 2},
-               "reward": {"kind": "function", "function": "workers.rewards:toy_gold_rewards"}}
+               "reward": {"kind": "function", "function": "pipeline.toy.reward:toy_gold_rewards"}}
     cfg = parse_config(sampled)  # every round samples, round 0 too
 
     from pipeline.dag import Round

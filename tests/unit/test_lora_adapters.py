@@ -132,7 +132,8 @@ def _run_config(base_dir, tmp_path, **model):
 
 
 def test_bad_lora_configs_are_refused_before_any_cluster_work(base_dir, tmp_path):
-    from pipeline.config import ConfigError, check_paths
+    from pipeline.config import ConfigError
+    from pipeline.preflight import check_paths
 
     assert check_paths(_run_config(base_dir, tmp_path, lora={"r": 8})) == []
     problems = check_paths(_run_config(base_dir, tmp_path,

@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser, main, parse_args
-from pipeline.config import ConfigError, load_config, parse_overrides, with_absolute_paths
+from pipeline.config import ConfigError, load_config, parse_overrides
 from pipeline.dag import OFFLINE_ROUND, Round, stage_key
 from pipeline.manifest import Manifest, stable_hash
+from pipeline.preflight import with_absolute_paths
 from pipeline.standalone import UsageError, export_model, round_checkpoint
 from pipeline.submit import entrypoint
 
@@ -72,12 +73,12 @@ def test_later_overrides_and_flags_win():
 def test_overrides_apply_and_validate_like_the_file(config):
     cfg = load_config(config, parse_overrides(
         ["train.learning_rate=1e-4", "loss.name=ipo", "train.adam_betas=[0.9,0.99]",
-         "model.reference=null", "reward.function=workers.rewards:toy_gold_rewards",
+         "model.reference=null", "reward.function=pipeline.toy.reward:toy_gold_rewards",
          "rounds.mode=online", "rounds.count=3", "loss.params.beta=0.2"]))
     assert cfg.train.learning_rate == 1e-4 and cfg.loss.name == "ipo"
     assert cfg.train.adam_betas == (0.9, 0.99) and cfg.model.reference is None
     assert cfg.rounds.count == 3 and cfg.rounds.mode == "online"
-    assert cfg.reward.function == "workers.rewards:toy_gold_rewards"  # null section created
+    assert cfg.reward.function == "pipeline.toy.reward:toy_gold_rewards"  # null section created
     assert cfg.loss.params == {"beta": 0.2}
 
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import check_paths, parse_config
+from pipeline.config import parse_config
+from pipeline.preflight import check_paths
 
 SECRET = "hf_thisIsASecretTokenValue123"
 
@@ -164,7 +165,7 @@ def test_packing_and_a_shared_prompt_are_the_default_where_they_can_run():
 def test_run_dir_and_cache_become_absolute_even_before_they_exist(tmp_path, monkeypatch):
     """'runs/demo' looks like a hub id ('org/name') until it exists; a fresh clone's first
     run must still resolve it against the working directory (stages store absolute paths)."""
-    from pipeline.config import with_absolute_paths
+    from pipeline.preflight import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = with_absolute_paths(config(run_dir="runs/demo",

@@ -14,7 +14,7 @@ POOL = [{"prompt_id": f"p{i}", "prompt_text": f"prompt {i}", "prompt_ids": [i]} 
 def rounds_config(**rounds):
     return parse_config({"model": {"policy": "m"}, "data": {"train": ["d.parquet"]},
                          "rounds": {"count": 3, **rounds},
-                         "reward": {"kind": "function", "function": "workers.rewards:toy_gold_rewards"}})
+                         "reward": {"kind": "function", "function": "pipeline.toy.reward:toy_gold_rewards"}})
 
 
 def ids(prompts):

@@ -23,9 +23,9 @@ from bench.study_sample import (
 )
 from bench.study_train import TrainSettings, gap_metrics, train_steps
 from pipeline.config import RoundsConfig
+from pipeline.toy.reward import toy_gold_reward
 from workers.logprobs import ResponseLogps
 from workers.losses import PairLogps
-from workers.rewards import toy_gold_reward
 
 BETA = 0.1
 

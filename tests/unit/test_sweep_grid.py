@@ -26,7 +26,7 @@ def config(tmp_path, toy_world):
            "loss": {"name": "sigmoid", "params": {"beta": 0.1}},
            "train": {"num_workers": 2, "cpus_per_worker": 0.5, "micro_batch_size": 4,
                      "global_batch_size": 16},
-           "reward": {"kind": "function", "function": "workers.rewards:toy_gold_rewards"},
+           "reward": {"kind": "function", "function": "pipeline.toy.reward:toy_gold_rewards"},
            "ray": {"num_cpus": 8}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))

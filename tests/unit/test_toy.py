@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.toy.reward import toy_gold_reward, toy_gold_rewards, toy_reward_parts
 from pipeline.toy.task import (
     CATEGORIES,
     TaskSpec,
@@ -20,7 +21,6 @@ from pipeline.toy.task import (
     sample_response,
     sample_spec,
 )
-from workers.rewards import toy_gold_reward, toy_gold_rewards, toy_reward_parts
 
 QUICK = {"quick": True, "n_train_pairs": 48, "n_eval_pairs": 16, "label_noise": 0.125}
 TINY = {"quick": True, "n_train_pairs": 12, "n_eval_pairs": 4, "sft_steps": 60}  # determinism
