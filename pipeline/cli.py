@@ -60,7 +60,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.sweep import run_sweep
 
     return run_sweep(args.config, args.overrides, Path(args.sweep_dir) if args.sweep_dir else None,
-                     args.max_concurrent, args.ray_address, args.dry_run)
+                     args.max_concurrent, args.ray_address, args.dry_run, args.arms)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                            " their comparison (key=a,b,c sweeps a key)")
     sweep.add_argument("config", help="YAML run config every run starts from")
     add_overrides(sweep)
+    sweep.add_argument("--arms", metavar="FILE", help="named arms, each a set of overrides that"
+                       " go together (YAML: `arms: {NAME: {key.path: value}}`); the grid is the"
+                       " arms × the swept keys")
     sweep.add_argument("--sweep-dir", help="where the runs and the report go"
                        " (default: the config's run_dir + '-sweep')")
     sweep.add_argument("--max-concurrent", type=int, help="at most this many runs at once"

@@ -143,6 +143,11 @@ class DataConfig(PrepareConfig):
                              " parquet, JSON, JSON Lines files or save_to_disk directories, or"
                              " HF datasets names in the local cache (org/name[:split]).")
     eval: list[str] = Field(default_factory=list)
+    min_score_margin: float | None = Field(
+        None, description="Train on the pairs whose chosen_score exceeds rejected_score by more"
+        " than this (needs scores); the others are valid rows left out, counted and kept in the"
+        " prepare stage's filtered.parquet. 0 drops inverted and tied pairs. Eval pairs are"
+        " kept as they are.")
 
 
 class LossConfig(_Section):

@@ -117,7 +117,10 @@ def _prepare_inputs(r: Round) -> dict[str, Any]:
     files = {"train": expand_paths(cfg.data.train, "data.train"),
              "eval": expand_paths(cfg.data.eval, "data.eval")}
     return {"files": {k: files_digest(v) for k, v in files.items()},
-            "tokenizer": model_digest(cfg.model.tokenizer_path), "data": cfg.data.model_dump(),
+            "tokenizer": model_digest(cfg.model.tokenizer_path),
+            # min_score_margin only when set: the keys of runs without it stay what they were
+            "data": cfg.data.model_dump(exclude=set() if cfg.data.min_score_margin is not None
+                                        else {"min_score_margin"}),
             "requires_scores": loss_requires_scores(cfg.loss)}
 
 
@@ -131,10 +134,13 @@ def _prepare(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
             continue
         stats = run_prepare(expand_paths(patterns, f"data.{split}"), cfg.model.tokenizer_path,
                             cfg.data, out / split, cfg.model.trust_remote_code,
-                            requires_scores=inputs["requires_scores"], console=console)
+                            requires_scores=inputs["requires_scores"], console=console,
+                            min_score_margin=cfg.data.min_score_margin if split == "train" else None)
         if r.sink is not None:
             r.sink.log.remote("prepare", {"split": split, "pairs": stats["pairs"],
-                                          "quarantined": stats["quarantined"]})
+                                          "quarantined": stats["quarantined"],
+                                          **({"filtered": stats["filtered"]}
+                                             if "filtered" in stats else {})})
         outputs[split] = f"{split}/pairs.parquet"
         outputs[f"{split}_stats"] = stats
     return outputs

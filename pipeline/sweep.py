@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.config import ConfigError, RunConfig, load_config, parse_overrides
 from pipeline.console import console, log_dir_of, quiet_driver
 from pipeline.preflight import check_paths
@@ -66,8 +68,9 @@ def split_values(text: str) -> list[str]:
     return [*parts, text[start:]]
 
 
-def parse_grid(items: list[str]) -> tuple[dict[str, Any], list[Axis]]:
-    """The overrides every run gets, and the axes (keys with two or more values)."""
+def parse_grid(items: list[str], arms: bool = False) -> tuple[dict[str, Any], list[Axis]]:
+    """The overrides every run gets, and the axes (keys with two or more values); `arms`:
+    named arms are given too (then no axis is needed)."""
     fixed: dict[str, Any] = {}
     axes: list[Axis] = []
     for item in items:
@@ -88,10 +91,30 @@ def parse_grid(items: list[str]) -> tuple[dict[str, Any], list[Axis]]:
             fixed[key] = values[0]
         else:
             axes.append(Axis(key, values))
-    if not axes:
+    if not axes and not arms:
         raise ConfigError("sweep: nothing to sweep; give at least one key two or more values,"
                           " e.g. loss.name=sigmoid,principled")
     return fixed, axes
+
+
+def load_arms(path: str | Path) -> dict[str, dict[str, Any]]:
+    """An arms file: `arms: {NAME: {key.path: value, ...}, ...}`, each arm a set of overrides
+    that go together (a loss with its parameters, its learning rate, its data filter)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the arms file: {err}") from None
+    arms = raw.get("arms") if isinstance(raw, dict) else None
+    if not isinstance(arms, dict) or not arms:
+        raise ConfigError(f"{path}: expected `arms: {{NAME: {{key.path: value, ...}}, ...}}`")
+    for name, overrides in arms.items():
+        if not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", str(name)):
+            raise ConfigError(f"{path}: arm {name!r}: a name of letters, digits, . _ + -")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: arm {name}: expected a mapping of key.path: value")
+        parse_overrides(f"{k}=" for k in overrides)  # the keys' shape
+    return {str(k): dict(v) for k, v in arms.items()}
 
 
 def format_value(value: Any) -> str:
@@ -101,7 +124,9 @@ def format_value(value: Any) -> str:
 
 
 def point_label(point: dict[str, Any]) -> str:
-    return ",".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in point.items())
+    """'dpo,beta=0.1,seed=0': a named arm by its name, an axis as its last key part=value."""
+    return ",".join(str(v) if k == "arm" else f"{k.rsplit('.', 1)[-1]}={format_value(v)}"
+                    for k, v in point.items())
 
 
 def run_name(index: int, point: dict[str, Any]) -> str:
@@ -131,21 +156,29 @@ class SweepRun:
                 "--run-dir", str(self.dir), *(["--ray-address", address] if address else [])]
 
 
-def expand(config: str, items: list[str], sweep_dir: Path, ray_address: str | None = None
+def expand(config: str, items: list[str], sweep_dir: Path, ray_address: str | None = None,
+           arms: dict[str, dict[str, Any]] | None = None
            ) -> tuple[RunConfig, list[Axis], list[SweepRun]]:
     """The base config (the fixed overrides only; its run_dir the sweep's, where the sweep's
-    own logs go), the axes, and every run of the grid, each validated like `rayalign run`'s
-    config; every bad run is named at once."""
-    fixed, axes = parse_grid(items)
+    own logs go), the axes, and every run of the grid (`arms` × the axes), each validated
+    like `rayalign run`'s config; every bad run is named at once."""
+    fixed, axes = parse_grid(items, arms=bool(arms))
+    if arms:  # the named arms are the first axis; an arm's overrides go with its name
+        axes = [Axis("arm", list(arms)), *axes]
     base = load_config(config, parse_overrides([], {**fixed, "run_dir": str(sweep_dir),
                                                     "ray.address": ray_address}))
-    shared = {} if "reference.cache_dir" in fixed or any(a.key == "reference.cache_dir" for a in axes) \
-        or base.reference.cache_dir else {"reference.cache_dir": str(sweep_dir / "cache" / "reference")}
+    names_cache = "reference.cache_dir" in fixed or any(
+        a.key == "reference.cache_dir" for a in axes) or any(
+        "reference.cache_dir" in a for a in (arms or {}).values())
+    shared = {} if names_cache or base.reference.cache_dir else {
+        "reference.cache_dir": str(sweep_dir / "cache" / "reference")}
     runs, problems = [], []
     for i, combo in enumerate(itertools.product(*(a.values for a in axes))):
         point = dict(zip((a.key for a in axes), combo))
         name = run_name(i, point)
-        overrides = {**fixed, **point, **shared, "run_dir": str(sweep_dir / name)}
+        own = {**arms[point["arm"]], **{k: v for k, v in point.items() if k != "arm"}} \
+            if arms else point
+        overrides = {**fixed, **own, **shared, "run_dir": str(sweep_dir / name)}
         arm = point_label({a.key: v for a, v in zip(axes, combo) if not a.is_seed}) or "all"
         try:
             runs.append(SweepRun(name, point, overrides, load_config(config, overrides), arm))
@@ -245,11 +278,12 @@ def write_state(sweep_dir: Path, config: str, items: list[str], runs: list[Sweep
 
 def run_sweep(config: str, items: list[str], sweep_dir: Path | None = None,
               max_concurrent: int | None = None, ray_address: str | None = None,
-              dry_run: bool = False) -> int:
+              dry_run: bool = False, arms_file: str | None = None) -> int:
     from pipeline.plan import available_resources
 
     sweep_dir = Path(sweep_dir or f"{load_config(config).run_dir}-sweep").resolve()
-    base, axes, runs = expand(config, items, sweep_dir, ray_address)
+    arms = load_arms(arms_file) if arms_file else None
+    base, axes, runs = expand(config, items, sweep_dir, ray_address, arms)
     have, problems = available_resources(base)
     limit = max_concurrent or len(runs)
     if have is not None:

@@ -24,8 +24,8 @@ from pipeline.evalstats import Interval, seeded_diff_ci, seeded_mean_ci
 from pipeline.metrics import read_metrics
 
 # (column of evaluate's samples.parquet, what the report calls it); per prompt
-PROMPT_METRICS = [("gain", "gold gain"), ("win", "win rate"), ("kl", "KL")]
-NULLS = {"gain": 0.0, "win": 0.5, "kl": 0.0}
+PROMPT_METRICS = [("gold", "gold"), ("gain", "gold gain"), ("win", "win rate"), ("kl", "KL")]
+NULLS = {"gold": None, "gain": 0.0, "win": 0.5, "kl": 0.0}
 
 
 @dataclass
@@ -63,6 +63,7 @@ def collect(run) -> RunResult | None:
         prompts = t["prompt"]
         per_prompt["kl"] = dict(zip(prompts, t["kl"]))
         if "gold_policy" in t:
+            per_prompt["gold"] = dict(zip(prompts, t["gold_policy"]))
             per_prompt["gain"] = {p: a - b for p, a, b in
                                   zip(prompts, t["gold_policy"], t["gold_reference"])}
             per_prompt["win"] = dict(zip(prompts, t["win"]))
@@ -114,7 +115,7 @@ def summarize(results: list[RunResult]) -> tuple[list[dict[str, Any]], list[str]
         parts = []
         for column, label in PROMPT_METRICS:
             prompts = _common_prompts(base + other, column)
-            if not prompts:
+            if not prompts or NULLS[column] is None:  # gold: its gain says the same, paired
                 continue
             ci = seeded_diff_ci(_matrix(other, column, prompts), _matrix(base, column, prompts))
             verdict = "significant" if ci.excludes(0.0) else "not significant"

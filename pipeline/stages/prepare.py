@@ -47,7 +47,8 @@ LENGTHS = ("prompt", "chosen", "rejected")
 SUMMARY_SCHEMA = pa.schema(
     [("part", pa.int64()), ("truncated", pa.string())]
     + [(f"{k}_len", pa.list_(pa.int32())) for k in LENGTHS]
-    + [("quarantine", pa.list_(pa.struct(list(QUARANTINE_SCHEMA))))])
+    + [("quarantine", pa.list_(pa.struct(list(QUARANTINE_SCHEMA)))),
+       ("filtered", pa.list_(pa.struct(list(QUARANTINE_SCHEMA))))])
 
 
 def source_format(path: str) -> str:
@@ -282,13 +283,14 @@ class PrepareUnit:
     """Ray Data UDF: validates and tokenises units, writes pair parts, returns summaries."""
 
     def __init__(self, tokenizer_path: str, data_cfg: dict[str, Any], trust_remote_code: bool,
-                 requires_scores: bool, parts_dir: str):
+                 requires_scores: bool, parts_dir: str, min_score_margin: float | None = None):
         from transformers import AutoTokenizer
 
         self.cfg = PrepareConfig.model_validate(data_cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path,
                                                        trust_remote_code=trust_remote_code)
-        self.requires_scores = requires_scores
+        self.requires_scores = requires_scores or min_score_margin is not None
+        self.min_score_margin = min_score_margin
         self.parts_dir = Path(parts_dir)
 
     def __call__(self, units: dict[str, np.ndarray]) -> pa.Table:
@@ -299,15 +301,22 @@ class PrepareUnit:
 
     def unit(self, part: int, path: str, format: str, row_group: int, start: int, length: int,
              first_row: int) -> dict[str, Any]:
-        good, bad = [], []
+        good, bad, filtered = [], [], []
         for source_row, row, error in read_unit(path, format, row_group, start, length,
                                                 first_row):
             where = {"source_file": path, "source_row": source_row}
             try:
                 if error is not None:
                     raise error
-                out = tokenize_pair(normalize_row(row, self.cfg, self.requires_scores),
-                                    self.tokenizer, self.cfg)
+                pair = normalize_row(row, self.cfg, self.requires_scores)
+                gap = pair.chosen_score - pair.rejected_score
+                if self.min_score_margin is not None and not gap > self.min_score_margin:
+                    filtered.append({**where, "id": pair.id or None, "reason": "score_margin",
+                                     "detail": f"chosen_score - rejected_score = {gap:.4g} is not"
+                                     f" above data.min_score_margin {self.min_score_margin:g}",
+                                     "row_json": row_json(row)})
+                    continue
+                out = tokenize_pair(pair, self.tokenizer, self.cfg)
                 out["id"] = out["id"] or f"{Path(path).name}:{where['source_row']}"
                 good.append({**out, **where})
             except BadRow as err:
@@ -319,14 +328,18 @@ class PrepareUnit:
         tmp.rename(self.parts_dir / f"part-{part:06d}.parquet")  # atomic: a retried unit rewrites it
         truncated = collections.Counter(g["truncated"] for g in good)
         return {"part": part, "truncated": json.dumps(truncated), "quarantine": bad,
+                "filtered": filtered,
                 **{f"{k}_len": [len(g[f"{k}_ids"]) for g in good] for k in LENGTHS}}
 
 
 def run_prepare(paths: list[str], tokenizer_path: str, data_cfg: PrepareConfig, out_dir: Path,
                 trust_remote_code: bool, concurrency: int = 2, requires_scores: bool = False,
-                rows_per_part: int = 4096, console: Console | None = None) -> dict[str, Any]:
+                rows_per_part: int = 4096, console: Console | None = None,
+                min_score_margin: float | None = None) -> dict[str, Any]:
     """Validate + tokenise `paths` into out_dir/pairs.parquet/ (part files) and
-    out_dir/quarantine.parquet; print the summary tables; stop over the quarantine limit."""
+    out_dir/quarantine.parquet; print the summary tables; stop over the quarantine limit.
+    `min_score_margin`: valid pairs whose chosen score is not above the rejected one's by
+    more than this are left out (needs scores) and kept in out_dir/filtered.parquet."""
     import ray
 
     units = row_group_units(expand_uris(paths), rows_per_part)
@@ -335,14 +348,19 @@ def run_prepare(paths: list[str], tokenizer_path: str, data_cfg: PrepareConfig, 
     parts_dir.mkdir(parents=True)
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 256)))
     ds = ds.map_batches(
-        PrepareUnit, fn_constructor_args=(tokenizer_path, data_cfg.model_dump(include=set(PrepareConfig.model_fields)), trust_remote_code,
-                                          requires_scores, str(parts_dir.resolve())),
+        PrepareUnit, fn_constructor_args=(
+            tokenizer_path, data_cfg.model_dump(include=set(PrepareConfig.model_fields)),
+            trust_remote_code, requires_scores, str(parts_dir.resolve()), min_score_margin),
         batch_size=1, concurrency=max(1, min(concurrency, len(units))), num_cpus=0.5,
         batch_format="numpy")
     summary = pa.concat_tables([SUMMARY_SCHEMA.empty_table(), *ray.get(ds.to_arrow_refs())])
     quarantine = pa.Table.from_pylist(
         [q for qs in summary.column("quarantine").to_pylist() for q in qs], QUARANTINE_SCHEMA)
     pq.write_table(quarantine, out_dir / "quarantine.parquet")
+    filtered = pa.Table.from_pylist(
+        [q for qs in summary.column("filtered").to_pylist() for q in qs], QUARANTINE_SCHEMA)
+    if min_score_margin is not None:
+        pq.write_table(filtered, out_dir / "filtered.parquet")
     truncated: collections.Counter[str] = collections.Counter()
     for counts in summary.column("truncated").to_pylist():
         truncated.update(json.loads(counts))
@@ -350,9 +368,10 @@ def run_prepare(paths: list[str], tokenizer_path: str, data_cfg: PrepareConfig, 
                                   summary.column(f"{k}_len").to_pylist()] or [np.zeros(0)])
                for k in LENGTHS}
     pairs = len(lengths["prompt"])
-    total = pairs + quarantine.num_rows
+    total = pairs + quarantine.num_rows + filtered.num_rows
     reasons = collections.Counter(quarantine.column("reason").to_pylist())
     stats = {"rows_in": total, "pairs": pairs, "quarantined": quarantine.num_rows,
+             **({"filtered": filtered.num_rows} if min_score_margin is not None else {}),
              "parts": len(units), "quarantine_reasons": dict(reasons),
              "truncated": dict(truncated), "lengths": length_stats(lengths)}
     (console or Console()).print(*report_tables(stats))
@@ -385,6 +404,9 @@ def report_tables(stats: dict[str, Any]) -> list[Table]:
     rows.add_row("pairs", str(stats["pairs"]), f"{stats['pairs'] / total:.1%}")
     for reason, n in sorted(stats["quarantine_reasons"].items(), key=lambda kv: -kv[1]):
         rows.add_row(f"quarantined: {reason}", str(n), f"{n / total:.1%}")
+    if "filtered" in stats:
+        rows.add_row("left out: score margin", str(stats["filtered"]),
+                     f"{stats['filtered'] / total:.1%}")
     for kind, n in sorted(stats["truncated"].items()):
         if kind != "none":
             rows.add_row(f"kept, truncated: {kind}", str(n), f"{n / total:.1%}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -205,3 +206,31 @@ def test_prepare_100k_pairs(ray_cluster, toy_world, tmp_path):
     assert stats["parts"] == 4 * 5  # 4 files × row groups of 10k, 10k, 5k rows → 2 + 2 + 1 units
     assert len(list((tmp_path / "out" / "pairs.parquet").glob("part-*.parquet"))) == stats["parts"]
     assert stats["truncated"].get("response", 0) > 0
+
+
+def test_a_score_margin_leaves_inverted_pairs_out_and_keeps_them(ray_cluster, toy_world, tmp_path):
+    """data.min_score_margin: 0 trains on the pairs whose chosen score is the higher (the
+    toy world flips some labels on purpose): the others are counted and kept, not lost, and
+    do not count as quarantined."""
+    from pipeline.stages.prepare import run_prepare
+
+    source = pq.read_table(toy_world.train_path).to_pylist()
+    inverted = {r["id"] for r in source if not r["chosen_score"] > r["rejected_score"]}
+    assert inverted and {r["id"] for r in source if r["label_flipped"]} <= inverted
+    cfg = PrepareConfig(chat_template="always", max_quarantine_fraction=0.0)
+    stats = run_prepare([str(toy_world.train_path)], str(toy_world.model_dir), cfg,
+                        tmp_path / "out", False, min_score_margin=0.0)
+    assert (stats["rows_in"], stats["filtered"], stats["quarantined"]) == (
+        len(source), len(inverted), 0)
+    pairs = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
+    assert len(pairs) == len(source) - len(inverted)
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    left_out = pq.read_table(tmp_path / "out" / "filtered.parquet").to_pylist()
+    assert {r["id"] for r in left_out} == inverted
+    assert {r["reason"] for r in left_out} == {"score_margin"}
+    assert all(json.loads(r["row_json"])["id"] == r["id"] for r in left_out)
+    # without the option: every pair, and no filtered file
+    stats = run_prepare([str(toy_world.train_path)], str(toy_world.model_dir), cfg,
+                        tmp_path / "all", False)
+    assert stats["pairs"] == len(source) and "filtered" not in stats
+    assert not (tmp_path / "all" / "filtered.parquet").exists()

@@ -14,7 +14,15 @@ import yaml
 from pipeline.cli import build_parser, main, parse_args
 from pipeline.config import ConfigError, load_config, parse_overrides
 from pipeline.evalstats import mean_ci, paired_diff_ci, seeded_diff_ci, seeded_mean_ci
-from pipeline.sweep import Placement, SweepRun, expand, parse_grid, split_values, waves
+from pipeline.sweep import (
+    Placement,
+    SweepRun,
+    expand,
+    load_arms,
+    parse_grid,
+    split_values,
+    waves,
+)
 from pipeline.sweep_report import collect, summarize
 
 
@@ -184,3 +192,45 @@ def test_report_compares_each_arm_with_the_first_over_the_same_prompts(tmp_path)
     assert rows[0]["h_star"] is None
     assert len(notes) == 1 and notes[0].startswith("name=principled vs name=sigmoid: gold gain +0.200")
     assert "gold gain +0.200 [" in notes[0] and "(significant)" in notes[0]
+
+
+def test_named_arms_carry_their_overrides_together(config, tmp_path):
+    arms_file = tmp_path / "arms.yaml"
+    arms_file.write_text(yaml.safe_dump({"arms": {
+        "dpo": {"loss.name": "sigmoid", "loss.params": {"beta": 0.1}},
+        "dpo-clean": {"loss.name": "sigmoid", "data.min_score_margin": 0},
+        "ipo": {"loss.name": "ipo", "train.learning_rate": 3e-4}}}))
+    arms = load_arms(arms_file)
+    _, axes, runs = expand(config, ["seed=0,1"], tmp_path / "sw", arms=arms)
+    assert [a.key for a in axes] == ["arm", "seed"]
+    assert [r.name for r in runs][:3] == ["00_dpo,seed=0", "01_dpo,seed=1", "02_dpo-clean,seed=0"]
+    assert [r.arm for r in runs] == ["dpo", "dpo", "dpo-clean", "dpo-clean", "ipo", "ipo"]
+    clean, ipo = runs[2].cfg, runs[5].cfg
+    assert clean.data.min_score_margin == 0 and runs[0].cfg.data.min_score_margin is None
+    assert ipo.loss.name == "ipo" and ipo.train.learning_rate == 3e-4 and ipo.train.seed == 1
+    # the run's command holds its arm's overrides: it is the same config again
+    args = parse_args(build_parser(), runs[2].argv(config, None)[3:])
+    again = load_config(args.config, parse_overrides(args.overrides, {"run_dir": args.run_dir}))
+    assert again.model_dump() == clean.model_dump()
+    # arms alone are a grid
+    assert len(expand(config, [], tmp_path / "sw", arms=arms)[2]) == 3
+
+
+@pytest.mark.parametrize("text, match", [
+    ("arms: []", "expected `arms:"),
+    ("nothing: 1", "expected `arms:"),
+    ("arms: {'bad name': {loss.name: ipo}}", "a name of letters"),
+    ("arms: {dpo: [loss.name]}", "expected a mapping"),
+    ("arms: {dpo: {'loss..name': ipo}}", "expected key.path=value"),
+])
+def test_bad_arms_files_are_refused(tmp_path, text, match):
+    path = tmp_path / "arms.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_arms(path)
+
+
+def test_an_arm_with_a_bad_key_is_named(config, tmp_path):
+    with pytest.raises(ConfigError, match=r"(?s)run 01_ipo: .*loss.nope: unknown key"):
+        expand(config, [], tmp_path / "sw", arms={"dpo": {"loss.name": "sigmoid"},
+                                                  "ipo": {"loss.name": "ipo", "loss.nope": 1}})
