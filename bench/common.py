@@ -450,26 +450,16 @@ def trl_config(out_dir: Path, **kw: Any):
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 4, log_to_driver: bool = False) -> Iterator[float]:
-    """A local Ray cluster for this script only (shut down on exit); yields its start time."""
-    import ray
-
-    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data, local_system_config
+    """A local Ray cluster for this script only (pipeline.cluster.local_cluster, shut down
+    on exit) with the bench's environment; yields how long it took to start."""
+    from pipeline.cluster import local_cluster
 
     set_env()
-    for k, v in WORKER_ENV_DEFAULTS.items():  # the driver runs Ray Data / Train drivers too
-        os.environ.setdefault(k, v)
-    env = {k: os.environ[k] for k in (*WORKER_ENV_DEFAULTS, *ENV_DEFAULTS) if k in os.environ}
+    env = {k: os.environ[k] for k in ENV_DEFAULTS if k in os.environ}
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")})
     t0 = time.perf_counter()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=log_to_driver, logging_level="ERROR",
-             _system_config=local_system_config(num_cpus))
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    configure_ray_data()
-    try:
+    with local_cluster(num_cpus, env, log_to_driver=log_to_driver):
         yield time.perf_counter() - t0
-    finally:
-        ray.shutdown()
 
 
 class StepRecorder:

@@ -60,14 +60,42 @@ def _secrets_hidden_from_children() -> Iterator[None]:
 def worker_env(cfg: RunConfig, verbose: bool = False) -> dict[str, str]:
     """The environment of every process Ray starts for the run. Unless `verbose`, it names
     the run's logs directory, where workers.logsetup sends each process's output."""
-    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
+    env = base_env()
     if not verbose:
         env[LOG_DIR_ENV] = str(Path(cfg.run_dir).resolve() / "logs")
     if cfg.train.gpus_per_worker > 0 or cfg.reference.gpus_per_actor > 0:
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda")
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    return env
+
+
+def base_env() -> dict[str, str]:
+    """The defaults (a value in this process's environment wins) and the pass-through
+    variables: what every process Ray starts gets, with or without a run config."""
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
     env.update({k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
     return env
+
+
+@contextmanager
+def local_cluster(num_cpus: int, env: dict[str, str] | None = None, temp_dir: str | None = None,
+                  log_to_driver: bool = False) -> Iterator[dict[str, str]]:
+    """A local Ray cluster without a run config, for tests and benchmarks (a run starts its
+    own through `connect`): the workers get base_env() plus `env`, and so does this process
+    (it runs Ray Data and Ray Train drivers too); shut down on exit. Yields the env."""
+    import ray
+
+    env = {**base_env(), **(env or {})}
+    os.environ.update(env)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+             _temp_dir=temp_dir, log_to_driver=log_to_driver, logging_level="ERROR",
+             _system_config=local_system_config(num_cpus))
+    configure_ray_data()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield env
+    finally:
+        ray.shutdown()
 
 
 def configure_ray_data() -> None:

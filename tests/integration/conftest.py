@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -34,22 +33,10 @@ def deepspeed_ops_built_early():
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    import ray
+    from pipeline.cluster import local_cluster
 
-    from pipeline.cluster import WORKER_ENV_DEFAULTS, configure_ray_data, local_system_config
-
-    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
-    for k in ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "PYTHONPATH"):
-        if k in os.environ:
-            env[k] = os.environ[k]
-    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    os.environ.update(env)
-    ray.init(num_cpus=6, include_dashboard=False, runtime_env={"env_vars": env},
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
-             _system_config=local_system_config(6))
-    configure_ray_data()
-    yield
-    ray.shutdown()
+    with local_cluster(6, {"VLLM_CPU_KVCACHE_SPACE": "1"}, str(tmp_path_factory.mktemp("ray"))):
+        yield
 
 
 @pytest.fixture(scope="session")

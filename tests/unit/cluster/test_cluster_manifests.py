@@ -17,7 +17,7 @@ import yaml
 from pipeline.config import load_config
 from pipeline.plan import Resources, check_plan, stage_plans
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CRDS = ROOT / "tests" / "data" / "kuberay"
 KUBERAY = ROOT / "cluster" / "kuberay"
 

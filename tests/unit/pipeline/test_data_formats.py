@@ -25,7 +25,7 @@ from pipeline.stages.prepare import (
     table_rows,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 FORMATS = DATA / "formats"
 spec = importlib.util.spec_from_file_location("make_formats", DATA / "make_formats.py")
 make_formats = importlib.util.module_from_spec(spec)
