@@ -163,8 +163,17 @@ def expand(config: str, items: list[str], sweep_dir: Path, ray_address: str | No
     own logs go), the axes, and every run of the grid (`arms` × the axes), each validated
     like `rayalign run`'s config; every bad run is named at once."""
     fixed, axes = parse_grid(items, arms=bool(arms))
+    chosen = [fixed.pop("arm")] if "arm" in fixed else next(
+        (a.values for a in axes if a.key == "arm"), None)
+    axes = [a for a in axes if a.key != "arm"]
+    if chosen is not None and not arms:
+        raise ConfigError("sweep arm=...: picks named arms of an --arms file; none is given")
     if arms:  # the named arms are the first axis; an arm's overrides go with its name
-        axes = [Axis("arm", list(arms)), *axes]
+        unknown = [str(a) for a in chosen or [] if a not in arms]
+        if unknown:
+            raise ConfigError(f"sweep arm={','.join(map(str, chosen))}: no arm named"
+                              f" {', '.join(unknown)} in the arms file (it has {', '.join(arms)})")
+        axes = [Axis("arm", [str(a) for a in chosen] if chosen else list(arms)), *axes]
     base = load_config(config, parse_overrides([], {**fixed, "run_dir": str(sweep_dir),
                                                     "ray.address": ray_address}))
     names_cache = "reference.cache_dir" in fixed or any(
@@ -299,9 +308,13 @@ def run_sweep(config: str, items: list[str], sweep_dir: Path | None = None,
     if problems:
         raise ConfigError("\n".join(problems))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    # the runs start from a copy, so that an edit of the config mid-sweep changes no run
+    # (relative paths in it stay relative to the working directory, as for `run`)
+    snapshot = sweep_dir / "config.yaml"
+    snapshot.write_bytes(Path(config).read_bytes())
     log_dir = log_dir_of(sweep_dir)
     with quiet_driver(log_dir):
-        return _run_all(config, items, base, runs, have, limit, sweep_dir)
+        return _run_all(str(snapshot), items, base, runs, have, limit, sweep_dir)
 
 
 def _run_all(config: str, items: list[str], base: RunConfig, runs: list[SweepRun], have,

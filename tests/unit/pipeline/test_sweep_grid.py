@@ -234,3 +234,16 @@ def test_an_arm_with_a_bad_key_is_named(config, tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)run 01_ipo: .*loss.nope: unknown key"):
         expand(config, [], tmp_path / "sw", arms={"dpo": {"loss.name": "sigmoid"},
                                                   "ipo": {"loss.name": "ipo", "loss.nope": 1}})
+
+
+def test_arm_picks_named_arms(config, tmp_path):
+    arms = {"dpo": {"loss.name": "sigmoid"}, "ipo": {"loss.name": "ipo"},
+            "simpo": {"loss.name": "simpo"}}
+    _, _, runs = expand(config, ["arm=simpo,dpo"], tmp_path / "sw", arms=arms)
+    assert [r.name for r in runs] == ["00_simpo", "01_dpo"]
+    _, _, runs = expand(config, ["arm=ipo", "seed=0,1"], tmp_path / "sw", arms=arms)
+    assert [r.name for r in runs] == ["00_ipo,seed=0", "01_ipo,seed=1"]
+    with pytest.raises(ConfigError, match="no arm named kto"):
+        expand(config, ["arm=dpo,kto"], tmp_path / "sw", arms=arms)
+    with pytest.raises(ConfigError, match="picks named arms of an --arms file"):
+        expand(config, ["arm=dpo,ipo"], tmp_path / "sw")
