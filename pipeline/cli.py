@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        " arms × the swept keys")
     sweep.add_argument("--sweep-dir", help="where the runs and the report go"
                        " (default: the config's run_dir + '-sweep')")
-    sweep.add_argument("--max-concurrent", type=int, help="at most this many runs at once"
+    sweep.add_argument("--max-concurrent", type=positive_int, help="at most this many runs at once"
                        " (default: as many as the cluster holds)")
     sweep.add_argument("--ray-address", help="join this cluster (default: ray.address, or a"
                        " local cluster)")
@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(sub)
     add_overrides(sub.choices["submit"])
     return p
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:

@@ -87,9 +87,10 @@ def local_cluster(num_cpus: int, env: dict[str, str] | None = None, temp_dir: st
 
     env = {**base_env(), **(env or {})}
     os.environ.update(env)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-             _temp_dir=temp_dir, log_to_driver=log_to_driver, logging_level="ERROR",
-             _system_config=local_system_config(num_cpus))
+    with _secrets_hidden_from_children():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 _temp_dir=temp_dir, log_to_driver=log_to_driver, logging_level="ERROR",
+                 _system_config=local_system_config(num_cpus))
     configure_ray_data()
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -146,8 +146,8 @@ class DataConfig(PrepareConfig):
     min_score_margin: float | None = Field(
         None, description="Train on the pairs whose chosen_score exceeds rejected_score by more"
         " than this (needs scores); the others are valid rows left out, counted and kept in the"
-        " prepare stage's filtered.parquet. 0 drops inverted and tied pairs. Eval pairs are"
-        " kept as they are.")
+        " prepare stage's filtered.parquet. 0 drops inverted and tied pairs. Eval pairs, and"
+        " the pairs sampled rounds build (rounds.min_margin filters those), are not filtered.")
 
 
 class LossConfig(_Section):
@@ -563,23 +563,24 @@ def parse_config(raw: dict[str, Any], source: str = "<config>",
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def yaml_numbers(value: Any) -> Any:
+    """`value` (parsed YAML) with exponent floats YAML 1.1 read as strings ('1e-4') as floats."""
+    if isinstance(value, str) and _FLOAT.fullmatch(value):
+        return float(value)
+    if isinstance(value, list):
+        return [yaml_numbers(x) for x in value]
+    if isinstance(value, dict):
+        return {k: yaml_numbers(x) for k, x in value.items()}
+    return value
+
+
 def _override_value(text: str) -> Any:
     """An override's value as YAML: `3`, `1e-4`, `null`, `[0.9,0.99]`, `{beta: 0.1}`, `ipo`."""
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text  # not YAML (e.g. 'a: b: c'): the plain string, validated like any other
-
-    def numbers(v: Any) -> Any:
-        if isinstance(v, str) and _FLOAT.fullmatch(v):
-            return float(v)
-        if isinstance(v, list):
-            return [numbers(x) for x in v]
-        if isinstance(v, dict):
-            return {k: numbers(x) for k, x in v.items()}
-        return v
-
-    return numbers(value)
+    return yaml_numbers(value)
 
 
 def parse_overrides(items: Iterable[str], flags: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -172,7 +172,8 @@ def _score(row: dict[str, Any], column: str, required: bool) -> float:
     value = row.get(column)
     if value is None:
         if required:
-            raise BadRow("missing_score", f"{column} is missing or null and the loss needs scores")
+            raise BadRow("missing_score", f"{column} is missing or null, and the loss (or"
+                         " data.min_score_margin) needs scores")
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRow("wrong_type", f"{column}: expected a number, got {type(value).__name__}")

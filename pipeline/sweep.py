@@ -22,18 +22,21 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
-from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, load_config, parse_overrides
+from pipeline.config import ConfigError, RunConfig, load_config, parse_overrides, yaml_numbers
 from pipeline.console import console, log_dir_of, quiet_driver
+from pipeline.manifest import stable_hash
 from pipeline.preflight import check_paths
 
 POLL_S = 1.0
@@ -114,7 +117,8 @@ def load_arms(path: str | Path) -> dict[str, dict[str, Any]]:
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: arm {name}: expected a mapping of key.path: value")
         parse_overrides(f"{k}=" for k in overrides)  # the keys' shape
-    return {str(k): dict(v) for k, v in arms.items()}
+    # the values as an override's would be read (1e-4 a number, as on the command line)
+    return {str(k): {key: yaml_numbers(v) for key, v in a.items()} for k, a in arms.items()}
 
 
 def format_value(value: Any) -> str:
@@ -130,7 +134,11 @@ def point_label(point: dict[str, Any]) -> str:
 
 
 def run_name(index: int, point: dict[str, Any]) -> str:
-    return f"{index:02d}_" + re.sub(r"[^\w.,=+-]", "-", point_label(point))[:100]
+    """'03_ipo,seed=1': the grid index and the point (a long one cut, with its hash kept)."""
+    label = re.sub(r"[^\w.,=+-]", "-", point_label(point))
+    if len(label) > 100:
+        label = label[:90] + "-" + stable_hash(point)[:8]
+    return f"{index:02d}_{label}"
 
 
 @dataclass
@@ -140,7 +148,7 @@ class SweepRun:
     overrides: dict[str, Any]  # all it gets: the fixed overrides, its point, run_dir, cache
     cfg: RunConfig
     arm: str  # the point without its seeds: what the report compares
-    status: str = "pending"  # pending | running | done | failed
+    status: str = "pending"  # pending | running | done | failed | interrupted
     seconds: float | None = None
     returncode: int | None = None
     reservation: list[dict[str, float]] = field(default_factory=list)
@@ -156,12 +164,27 @@ class SweepRun:
                 "--run-dir", str(self.dir), *(["--ray-address", address] if address else [])]
 
 
+def raw_config(config: str) -> dict[str, Any]:
+    """The config file as written (before validation; load_config reports its problems)."""
+    try:
+        raw = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Do two dotted keys set the same value (equal, or one a section of the other)?"""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def expand(config: str, items: list[str], sweep_dir: Path, ray_address: str | None = None,
            arms: dict[str, dict[str, Any]] | None = None
            ) -> tuple[RunConfig, list[Axis], list[SweepRun]]:
-    """The base config (the fixed overrides only; its run_dir the sweep's, where the sweep's
-    own logs go), the axes, and every run of the grid (`arms` × the axes), each validated
-    like `rayalign run`'s config; every bad run is named at once."""
+    """The base config (the first run's, its run_dir the sweep's, where the sweep's own logs
+    go), the axes, and every run of the grid (`arms` × the axes). Each run is validated from
+    the very text its `rayalign run` gets, so what is checked here is what runs; every bad
+    run is named at once."""
     fixed, axes = parse_grid(items, arms=bool(arms))
     chosen = [fixed.pop("arm")] if "arm" in fixed else next(
         (a.values for a in axes if a.key == "arm"), None)
@@ -169,33 +192,49 @@ def expand(config: str, items: list[str], sweep_dir: Path, ray_address: str | No
     if chosen is not None and not arms:
         raise ConfigError("sweep arm=...: picks named arms of an --arms file; none is given")
     if arms:  # the named arms are the first axis; an arm's overrides go with its name
-        unknown = [str(a) for a in chosen or [] if a not in arms]
+        chosen = [str(a) for a in chosen] if chosen else list(arms)
+        unknown = [a for a in chosen if a not in arms]
         if unknown:
-            raise ConfigError(f"sweep arm={','.join(map(str, chosen))}: no arm named"
+            raise ConfigError(f"sweep arm={','.join(chosen)}: no arm named"
                               f" {', '.join(unknown)} in the arms file (it has {', '.join(arms)})")
-        axes = [Axis("arm", [str(a) for a in chosen] if chosen else list(arms)), *axes]
-    base = load_config(config, parse_overrides([], {**fixed, "run_dir": str(sweep_dir),
-                                                    "ray.address": ray_address}))
-    names_cache = "reference.cache_dir" in fixed or any(
+        given = [*fixed, *(a.key for a in axes)]
+        clashes = sorted({f"{k} (arm {name})" for name in chosen for k in arms[name]
+                          if any(_overlap(k, g) for g in given)})
+        if clashes:
+            raise ConfigError(f"sweep: set both by an arm and on the command line: "
+                              f"{', '.join(clashes)}; set each key in one place")
+        axes = [Axis("arm", chosen), *axes]
+    shared_cluster = [a.key for a in axes if a.key.startswith("ray.")] + sorted(
+        {k for a in (arms or {}).values() for k in a if k.startswith("ray.")})
+    if shared_cluster:
+        raise ConfigError(f"sweep: {', '.join(shared_cluster)} cannot differ between runs:"
+                          " they share the sweep's one Ray cluster")
+    if ray_address:
+        fixed["ray.address"] = ray_address
+    names_cache = bool((raw_config(config).get("reference") or {}).get("cache_dir")) or \
+        "reference.cache_dir" in fixed or any(
         a.key == "reference.cache_dir" for a in axes) or any(
         "reference.cache_dir" in a for a in (arms or {}).values())
-    shared = {} if names_cache or base.reference.cache_dir else {
-        "reference.cache_dir": str(sweep_dir / "cache" / "reference")}
     runs, problems = [], []
     for i, combo in enumerate(itertools.product(*(a.values for a in axes))):
         point = dict(zip((a.key for a in axes), combo))
         name = run_name(i, point)
         own = {**arms[point["arm"]], **{k: v for k, v in point.items() if k != "arm"}} \
             if arms else point
-        overrides = {**fixed, **own, **shared, "run_dir": str(sweep_dir / name)}
+        shared = {} if names_cache else {"reference.cache_dir": str(sweep_dir / "cache" / "reference")}
+        text = [f"{k}={format_value(v)}" for k, v in {**fixed, **own, **shared}.items()]
+        overrides = parse_overrides(text, {"run_dir": str(sweep_dir / name)})
         arm = point_label({a.key: v for a, v in zip(axes, combo) if not a.is_seed}) or "all"
         try:
-            runs.append(SweepRun(name, point, overrides, load_config(config, overrides), arm))
+            cfg = load_config(config, overrides)
         except ConfigError as err:
             problems.append((name, str(err)))
+            continue
+        runs.append(SweepRun(name, point, overrides, cfg, arm))
     if problems:
         raise ConfigError(f"{len(problems)} of the grid's {len(runs) + len(problems)} runs cannot"
                           " run:\n" + _grouped(problems))
+    base = runs[0].cfg.model_copy(update={"run_dir": str(sweep_dir)})
     return base, axes, runs
 
 
@@ -230,18 +269,31 @@ class Placement:
                 node[k] = node.get(k, 0.0) + v
 
 
+def start_what_fits(pending: list[SweepRun], place: Placement, room: int) -> list[SweepRun]:
+    """The pending runs, in grid order, that fit beside what is running now (at most `room`
+    of them; a run too big for now does not hold up a smaller one behind it); their
+    footprints are taken from `place` and they leave `pending`."""
+    started: list[SweepRun] = []
+    for run in list(pending):
+        if len(started) >= room:
+            break
+        taken = place.reserve(run.cfg)
+        if taken is not None:
+            run.reservation = taken
+            pending.remove(run)
+            started.append(run)
+    return started
+
+
 def waves(runs: list[SweepRun], nodes: list[dict[str, float]], max_concurrent: int) -> list[list[str]]:
-    """Which runs go together if they took equal time (the --dry-run's placement)."""
+    """Which runs go together if they took equal time (the --dry-run's placement; the same
+    start_what_fits as the sweep itself)."""
     pending, out = list(runs), []
     while pending:
-        place, wave = Placement(nodes), []
-        for run in list(pending):
-            if len(wave) < max_concurrent and place.reserve(run.cfg) is not None:
-                wave.append(run.name)
-                pending.remove(run)
+        wave = start_what_fits(pending, Placement(nodes), max_concurrent)
         if not wave:  # preflight reports it
             break
-        out.append(wave)
+        out.append([r.name for r in wave])
     return out
 
 
@@ -290,7 +342,8 @@ def run_sweep(config: str, items: list[str], sweep_dir: Path | None = None,
               dry_run: bool = False, arms_file: str | None = None) -> int:
     from pipeline.plan import available_resources
 
-    sweep_dir = Path(sweep_dir or f"{load_config(config).run_dir}-sweep").resolve()
+    default_dir = f"{raw_config(config).get('run_dir') or RunConfig.model_fields['run_dir'].default}-sweep"
+    sweep_dir = Path(sweep_dir or default_dir).resolve()
     arms = load_arms(arms_file) if arms_file else None
     base, axes, runs = expand(config, items, sweep_dir, ray_address, arms)
     have, problems = available_resources(base)
@@ -313,7 +366,7 @@ def run_sweep(config: str, items: list[str], sweep_dir: Path | None = None,
     snapshot = sweep_dir / "config.yaml"
     snapshot.write_bytes(Path(config).read_bytes())
     log_dir = log_dir_of(sweep_dir)
-    with quiet_driver(log_dir):
+    with quiet_driver(log_dir), _sigterm_interrupts():
         return _run_all(str(snapshot), items, base, runs, have, limit, sweep_dir)
 
 
@@ -327,18 +380,16 @@ def _run_all(config: str, items: list[str], base: RunConfig, runs: list[SweepRun
     console.print(f"sweep: {len(runs)} runs in {sweep_dir}; Ray dashboard:"
                   f" {info['dashboard_url'] or '(not running)'}")
     place = Placement(have.nodes)
-    pending, running = deque(runs), {}
+    pending: list[SweepRun] = list(runs)
+    running: dict[str, tuple[SweepRun, subprocess.Popen, float]] = {}
     try:
         while pending or running:
-            while pending and len(running) < limit:
-                taken = place.reserve(pending[0].cfg)
-                if taken is None:
-                    break
-                run = pending.popleft()
-                run.reservation, run.status = taken, "running"
+            for run in start_what_fits(pending, place, limit - len(running)):
+                run.status = "running"
                 running[run.name] = (run, _launch(run, config, info["address"]), time.time())
                 console.print(f"  ▶ {run.name} started ({len(running)} running,"
-                              f" {len(pending)} waiting); console: {run.dir / 'console.log'}")
+                              f" {len(pending)} waiting); console: {run.dir / 'console.log'}",
+                              soft_wrap=True)
             write_state(sweep_dir, config, items, runs)
             time.sleep(POLL_S)
             for name, (run, proc, t0) in list(running.items()):
@@ -351,12 +402,14 @@ def _run_all(config: str, items: list[str], base: RunConfig, runs: list[SweepRun
                 console.print(f"  {'✓' if run.status == 'done' else '[red]✗[/]'} {name}"
                               f" {run.status} in {run.seconds:.0f} s"
                               + ("" if run.status == "done" else
-                                 f" (exit {proc.returncode}): see {run.dir / 'console.log'}"))
-    finally:
-        for run, proc, _ in running.values():  # interrupted: the runs stop too (resumable)
-            proc.terminate()
-            run.status = "failed"
+                                 f" (exit {proc.returncode}): see {run.dir / 'console.log'}"),
+                              soft_wrap=True)
+    except KeyboardInterrupt:  # Ctrl-C (the runs got it too) or SIGTERM: let them stop cleanly
+        _stop(running)
         write_state(sweep_dir, config, items, runs)
+        console.print(f"sweep interrupted; {len(running)} run(s) stopped. Run the same sweep"
+                      " again to resume: finished stages are skipped.")
+        return 130
     report = write_report(sweep_dir, runs)
     failed = [r.name for r in runs if r.status != "done"]
     console.print(f"sweep took {time.time() - started:.0f} s;"
@@ -366,10 +419,42 @@ def _run_all(config: str, items: list[str], base: RunConfig, runs: list[SweepRun
     return 1 if failed else 0
 
 
+STOP_WAIT_S = 120.0  # how long an interrupted run gets to stop its workers before it is killed
+
+
+def _stop(running: dict[str, tuple[SweepRun, subprocess.Popen, float]]) -> None:
+    """SIGINT to each running run (its driver ends its trainer and engines), then wait; a
+    run still alive after STOP_WAIT_S is killed."""
+    for run, proc, _ in running.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        run.status = "interrupted"
+    deadline = time.time() + STOP_WAIT_S
+    for _, proc, _ in running.values():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a job scheduler, `kill`) stops the sweep like Ctrl-C does."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _launch(run: SweepRun, config: str, address: str) -> subprocess.Popen:
     """`rayalign run` for this run in its own driver process, joined to the sweep's cluster;
     its console output goes to <run_dir>/console.log."""
     run.dir.mkdir(parents=True, exist_ok=True)
-    log = (run.dir / "console.log").open("a")
-    return subprocess.Popen(run.argv(config, address), stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "COLUMNS": "120"})
+    with (run.dir / "console.log").open("a") as log:  # the child holds its own copy
+        return subprocess.Popen(run.argv(config, address), stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "COLUMNS": "120"})

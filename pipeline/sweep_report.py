@@ -34,48 +34,51 @@ class RunResult:
     arm: str
     round: int
     metrics: dict[str, Any]  # the last evaluate row of metrics.jsonl
-    per_prompt: dict[str, dict[str, float]]  # column → {prompt: value}
+    per_prompt: dict[str, dict[Any, float]]  # column → {(place, prompt): value}
     beta: float | None
 
 
-def _last_eval(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
-    if not rows:
-        return None
-    last = max(r["round"] for r in rows)
-    return last, [r for r in rows if r["round"] == last][-1]  # a rerun appends: its last row
+def evals_by_round(run) -> dict[int, dict[str, Any]]:
+    """{round: its evaluate row} of the run's rounds (a rerun appends rows: the last one
+    counts; rounds past the config's count, left from an earlier longer run, do not)."""
+    rows = [r for r in read_metrics(run.dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    return {r["round"]: r for r in rows if r["round"] < run.cfg.rounds.count}
 
 
 def collect(run) -> RunResult | None:
-    """A finished run's final evaluation (None without one)."""
+    """A finished run's final evaluation (None without one). Per-prompt values are keyed by
+    the prompt's place in evaluate's order and its text: evaluate takes the same prompts in
+    the same order for every run of the same eval data, and two multi-turn prompts may
+    share their last turn's text."""
     import pyarrow.parquet as pq
 
     from pipeline.config import validate_loss
 
-    found = _last_eval(run.dir)
-    if found is None:
+    evals = evals_by_round(run)
+    if not evals:
         return None
-    k, metrics = found
-    per_prompt: dict[str, dict[str, float]] = {}
+    k = max(evals)
+    per_prompt: dict[str, dict[Any, float]] = {}
     path = run.dir / f"round-{k}" / "evaluate" / "samples.parquet"
     if path.is_file():
         t = pq.read_table(path).to_pydict()
-        prompts = t["prompt"]
-        per_prompt["kl"] = dict(zip(prompts, t["kl"]))
+        keys = list(enumerate(t["prompt"]))
+        per_prompt["kl"] = dict(zip(keys, t["kl"]))
         if "gold_policy" in t:
-            per_prompt["gold"] = dict(zip(prompts, t["gold_policy"]))
+            per_prompt["gold"] = dict(zip(keys, t["gold_policy"]))
             per_prompt["gain"] = {p: a - b for p, a, b in
-                                  zip(prompts, t["gold_policy"], t["gold_reference"])}
-            per_prompt["win"] = dict(zip(prompts, t["win"]))
+                                  zip(keys, t["gold_policy"], t["gold_reference"])}
+            per_prompt["win"] = dict(zip(keys, t["win"]))
     beta = validate_loss(run.cfg.loss).get("beta")
-    return RunResult(run.name, run.arm, k, metrics, per_prompt, beta)
+    return RunResult(run.name, run.arm, k, evals[k], per_prompt, beta)
 
 
-def _matrix(results: list[RunResult], column: str, prompts: list[str]) -> list[list[float]]:
+def _values(results: list[RunResult], column: str, prompts: list[Any]) -> list[list[float]]:
+    """[seeds, prompts] of one per-prompt column."""
     return [[r.per_prompt[column][p] for p in prompts] for r in results]
 
 
-def _common_prompts(results: list[RunResult], column: str) -> list[str]:
+def _common_prompts(results: list[RunResult], column: str) -> list[Any]:
     if not results or any(column not in r.per_prompt for r in results):
         return []
     first = results[0].per_prompt[column]
@@ -94,34 +97,44 @@ def _mean(xs: list[float | None]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize(results: list[RunResult]) -> tuple[list[dict[str, Any]], list[str]]:
-    """A row per arm (its metrics and intervals), and the comparisons with the first arm."""
-    arms: dict[str, list[RunResult]] = defaultdict(list)
+def summarize(results: list[RunResult], arms: list[str] | None = None
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+    """A row per arm (its metrics and intervals), and the comparisons of each arm with the
+    first of `arms` (the grid's order; default: the results' order)."""
+    by_arm: dict[str, list[RunResult]] = defaultdict(list)
     for r in results:
-        arms[r.arm].append(r)
+        by_arm[r.arm].append(r)
+    order = [a for a in (arms or list(by_arm)) if a in by_arm]
     rows, notes = [], []
-    for arm, rs in arms.items():
-        row: dict[str, Any] = {"arm": arm, "seeds": len(rs), "round": max(r.round for r in rs)}
+    for arm in order:
+        rs = by_arm[arm]
+        row: dict[str, Any] = {"arm": arm, "seeds": len(rs),
+                               "round": "/".join(str(k) for k in sorted({r.round for r in rs}))}
         for column, _ in PROMPT_METRICS:
             prompts = _common_prompts(rs, column)
-            row[column] = seeded_mean_ci(_matrix(rs, column, prompts)) if prompts else None
+            row[column] = seeded_mean_ci(_values(rs, column, prompts)) if prompts else None
+        row["prompts"] = len(_common_prompts(rs, "kl"))
         row["h"] = _mean([r.metrics["eval/rewards/margins"] / r.beta
                           if r.beta and "eval/rewards/margins" in r.metrics else None for r in rs])
         row["h_star"] = _mean([r.metrics.get("eval/principled/target_mean") for r in rs])
         rows.append(row)
-    names = list(arms)
-    for arm in names[1:]:
-        base, other = arms[names[0]], arms[arm]
+    first = (arms or order or [None])[0]
+    if first is not None and first not in by_arm:
+        notes.append(f"the first arm, {first}, has no results: no arm is compared")
+        return rows, notes
+    for arm in order[1:]:
+        base, other = by_arm[first], by_arm[arm]
         parts = []
         for column, label in PROMPT_METRICS:
             prompts = _common_prompts(base + other, column)
             if not prompts or NULLS[column] is None:  # gold: its gain says the same, paired
                 continue
-            ci = seeded_diff_ci(_matrix(other, column, prompts), _matrix(base, column, prompts))
+            ci = seeded_diff_ci(_values(other, column, prompts), _values(base, column, prompts))
             verdict = "significant" if ci.excludes(0.0) else "not significant"
             parts.append(f"{label} {ci.value:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] ({verdict})")
         if parts:
-            notes.append(f"{arm} vs {names[0]}: " + "; ".join(parts))
+            n = len(_common_prompts(base + other, "kl"))
+            notes.append(f"{arm} vs {first} ({n} prompts): " + "; ".join(parts))
     return rows, notes
 
 
@@ -136,16 +149,21 @@ def write_report(sweep_dir: Path, runs: list) -> Path:
 
     out = sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    results = [r for r in (collect(run) for run in runs if run.status == "done") if r]
-    rows, notes = summarize(results)
-    header = ["arm", "seeds", "round", *(label for _, label in PROMPT_METRICS), "h", "h*"]
-    table_rows = [[row["arm"], str(row["seeds"]), str(row["round"]),
+    found = {run.name: collect(run) for run in runs if run.status == "done"}
+    results = [r for r in found.values() if r is not None]
+    rows, notes = summarize(results, list(dict.fromkeys(run.arm for run in runs)))
+    header = ["arm", "seeds", "round", "prompts", *(label for _, label in PROMPT_METRICS),
+              "h", "h*"]
+    table_rows = [[row["arm"], str(row["seeds"]), row["round"], str(row["prompts"]),
                    *(_cell(row[c], NULLS[c]) for c, _ in PROMPT_METRICS),
                    _fmt(row["h"]), _fmt(row["h_star"])] for row in rows]
-    missing = [run.name for run in runs if run.status != "done"]
+    missing = [run.name for run in runs if found.get(run.name) is None]
     legend = ("± 95% interval (bootstrap over seeds and held-out prompts); * differs from the"
               " reference (gold gain ≠ 0, win rate ≠ 0.5, KL ≠ 0); h: the eval reward margin"
               " over β (the mean logit gap), h*: the principled loss's target")
+    if any(row["seeds"] < 3 for row in rows):
+        legend += ("; with fewer than 3 seeds an interval holds little of the run-to-run"
+                   " spread (1 seed: none), so read its * with care")
     md = [f"# Sweep report: {sweep_dir}", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
           *("| " + " | ".join(r) + " |" for r in table_rows), "", legend, "",
@@ -199,9 +217,8 @@ def _plots(out: Path, runs: list, results: list[RunResult]) -> list[Path]:
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in done:
-        evals = [r for r in read_metrics(run.dir / "metrics.jsonl") if r.get("kind") == "eval"]
-        last = {r["round"]: r for r in evals}  # a rerun appends: the last row per round
-        points = [last[k] for k in sorted(last)]
+        evals = evals_by_round(run)
+        points = [evals[k] for k in sorted(evals)]
         for ax, key in zip(axes, ["eval/gold_gain", "eval/win_rate"]):
             xs = [p["eval/kl"] for p in points if key in p]
             ys = [p[key] for p in points if key in p]

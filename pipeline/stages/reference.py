@@ -88,13 +88,22 @@ def run_reference(splits: dict[str, Path], keys: dict[str, str], cache_root: Pat
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`; where the filesystem has no locks (some NFS/FUSE mounts),
+    a warning and no lock (runs sharing such a cache could compute a key twice)."""
     with path.open("a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            console.print(f"  reference cache {path.parent}: another run is computing into"
-                          " it; waiting", soft_wrap=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                console.print(f"  reference cache {path.parent}: another run is computing into"
+                              " it; waiting", soft_wrap=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as err:
+            console.print(f"  [yellow]warning[/]: reference cache {path.parent}: no file lock"
+                          f" on this filesystem ({err}); runs sharing it may compute a key twice",
+                          soft_wrap=True)
+            yield
+            return
         try:
             yield
         finally:

@@ -190,8 +190,22 @@ def test_report_compares_each_arm_with_the_first_over_the_same_prompts(tmp_path)
     assert rows[1]["gain"].value == pytest.approx(base.mean() + 0.205)
     assert rows[1]["h"] == pytest.approx(2.0) and rows[1]["h_star"] == 5.0
     assert rows[0]["h_star"] is None
-    assert len(notes) == 1 and notes[0].startswith("name=principled vs name=sigmoid: gold gain +0.200")
-    assert "gold gain +0.200 [" in notes[0] and "(significant)" in notes[0]
+    assert len(notes) == 1 and notes[0].startswith(
+        "name=principled vs name=sigmoid (32 prompts): gold gain +0.200 [")
+    assert "(significant)" in notes[0]
+    # the grid's first arm is the baseline; without results, nothing is compared
+    rows, notes = summarize([collect(r) for r in runs[2:]], ["name=sigmoid", "name=principled"])
+    assert [r["arm"] for r in rows] == ["name=principled"]
+    assert notes == ["the first arm, name=sigmoid, has no results: no arm is compared"]
+
+
+def test_report_keys_prompts_by_place_so_equal_texts_stay_apart(tmp_path):
+    run = _finished_run(tmp_path, "r", "a", [0.1, 0.2, 0.3], [0.0] * 3)
+    path = run.dir / "round-0" / "evaluate" / "samples.parquet"
+    t = pq.read_table(path).to_pydict()
+    t["prompt"] = ["same", "same", "other"]  # two multi-turn prompts ending in one turn
+    pq.write_table(pa.table(t), path)
+    assert len(collect(run).per_prompt["gain"]) == 3
 
 
 def test_named_arms_carry_their_overrides_together(config, tmp_path):
@@ -247,3 +261,64 @@ def test_arm_picks_named_arms(config, tmp_path):
         expand(config, ["arm=dpo,kto"], tmp_path / "sw", arms=arms)
     with pytest.raises(ConfigError, match="picks named arms of an --arms file"):
         expand(config, ["arm=dpo,ipo"], tmp_path / "sw")
+
+
+def test_each_run_is_checked_from_the_text_its_command_gets(config, tmp_path):
+    """Values that YAML reads differently in a file and on a command line come out the same."""
+    arms = load_arms(_arms_file(tmp_path, {"a": {"loss.params": {"beta": "1e-2"},
+                                                 "train.adam_betas": [0.9, 0.99]}}))
+    _, _, runs = expand(config, ["seed=0,1"], tmp_path / "sw", arms=arms)
+    cfg = runs[0].cfg
+    assert cfg.loss.params == {"beta": 0.01} and cfg.train.adam_betas == (0.9, 0.99)
+    args = parse_args(build_parser(), runs[1].argv(config, None)[3:])
+    again = load_config(args.config, parse_overrides(args.overrides, {"run_dir": args.run_dir}))
+    assert again.model_dump() == runs[1].cfg.model_dump()
+
+
+def _arms_file(tmp_path, arms):
+    path = tmp_path / "arms.yaml"
+    path.write_text(yaml.safe_dump({"arms": arms}))
+    return path
+
+
+def test_a_key_set_by_an_arm_and_the_command_line_is_refused(config, tmp_path):
+    arms = {"a": {"loss.params": {"beta": 0.1}}, "b": {"loss.name": "ipo"}}
+    with pytest.raises(ConfigError, match=r"loss.params \(arm a\)"):
+        expand(config, ["loss.params.beta=0.2"], tmp_path / "sw", arms=arms)
+    with pytest.raises(ConfigError, match=r"loss.name \(arm b\)"):
+        expand(config, ["loss.name=sigmoid,ipo"], tmp_path / "sw", arms=arms)
+    # arms with names YAML reads as numbers are picked by their text
+    arms = {"1": {"loss.name": "sigmoid"}, "2": {"loss.name": "ipo"}}
+    assert [r.name for r in expand(config, ["arm=2"], tmp_path / "sw", arms=arms)[2]] == ["00_2"]
+
+
+def test_the_cluster_cannot_differ_between_runs(config, tmp_path):
+    with pytest.raises(ConfigError, match="ray.num_cpus cannot differ between runs"):
+        expand(config, ["ray.num_cpus=8,16"], tmp_path / "sw")
+
+
+def test_a_big_run_does_not_hold_up_smaller_ones_behind_it(config, tmp_path):
+    arms = {"small": {"train.num_workers": 2}, "big": {"train.num_workers": 8},
+            "small-ipo": {"train.num_workers": 2, "loss.name": "ipo"}}
+    _, _, runs = expand(config, ["train.global_batch_size=32"], tmp_path / "sw", arms=arms)
+    # 4, 7 and 4 CPUs on 8: the third starts beside the first, the second after them
+    assert waves(runs, [{"CPU": 8.0}], 3) == [[runs[0].name, runs[2].name], [runs[1].name]]
+
+
+def test_an_interrupted_sweep_stops_its_runs_and_kills_one_that_will_not(monkeypatch, config,
+                                                                        tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from pipeline import sweep
+
+    monkeypatch.setattr(sweep, "STOP_WAIT_S", 2.0)
+    _, _, runs = expand(config, ["loss.name=sigmoid,ipo"], tmp_path / "sw")
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ignore = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+    stubborn = subprocess.Popen([sys.executable, "-c", ignore])
+    time.sleep(0.5)  # both started
+    sweep._stop({"a": (runs[0], polite, 0.0), "b": (runs[1], stubborn, 0.0)})
+    assert polite.returncode not in (None, -9) and stubborn.returncode == -9
+    assert [r.status for r in runs] == ["interrupted", "interrupted"]
