@@ -26,19 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bench_trainer import LR, reference_parquet, run_ours
-from common import (
-    CACHE,
-    PeakMemoryWatch,
-    build_bench_model,
-    emit,
-    line,
-    load_pairs,
-    local_ray,
-    machine,
-    pair_tokens,
-    ratio_line,
-    set_env,
-)
+from fixtures import CACHE, build_bench_model, load_pairs, local_ray, pair_tokens, set_env
+from harness import PeakMemoryWatch, emit, line, machine, ratio_line
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True}
 

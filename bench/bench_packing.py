@@ -14,22 +14,13 @@ import argparse
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
+from fixtures import load_pairs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import PrepareConfig
-from pipeline.data import normalize_row, tokenize_pair
 from workers.logprobs import ResponseLogps
 from workers.packing import attention_mode
 from workers.train_step import pair_loss, rows_to_pairs
-
-
-def load_pairs(toy: Path, tokenizer) -> list[dict]:
-    cfg = PrepareConfig(chat_template="always", max_prompt_tokens=64,
-                     max_response_tokens=64)
-    return [tokenize_pair(normalize_row(r, cfg), tokenizer, cfg)
-            for r in pq.read_table(toy / "train.parquet").to_pylist()]
 
 
 def main() -> None:
@@ -48,7 +39,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.toy / "model", dtype=torch.float32)
     module = ResponseLogps(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    pairs = load_pairs(args.toy, tokenizer)
+    pairs = load_pairs(args.toy / "model", args.toy)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     arms = {"padded": None, "packed": attention_mode(model)}
     seconds = {name: 0.0 for name in arms}

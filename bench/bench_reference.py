@@ -5,8 +5,8 @@ Our side is the reference stage's own function, `pipeline.stages.reference.compu
 (Ray Data read -> `workers.vllm_pool.PairLogprobs` UDFs -> the run's engine actor,
 `pipeline.engines` -> parquet), with the engine subclassed only to time, inside its actor,
 its constructor (engine start) and its calls (the engine-only figure;
-`common.timed_vllm_udfs`).
-The HF loop (`common.hf_response_logps`: right-padded batches, one forward, log_softmax,
+`harness.timed_vllm_udfs`).
+The HF loop (`fixtures.hf_response_logps`: right-padded batches, one forward, log_softmax,
 gather) and TRL's `DPOTrainer` precompute (`precompute_ref_log_probs=True`, timed inside its
 constructor) each run in a fresh process. All fp32; the gap is per-sequence summed response
 log-probs against the HF loop.
@@ -23,28 +23,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
+from fixtures import (
     CACHE,
     DEMO_ENGINE,
     build_bench_model,
-    emit,
     hf_response_logps,
-    in_fresh_process,
-    line,
     load_hf,
     load_pairs,
     local_ray,
+    set_env,
+    trl_config,
+    trl_dataset,
+    trl_trainer_class,
+    write_pairs,
+)
+from harness import (
+    emit,
+    in_fresh_process,
+    line,
     machine,
     peak_rss_mib,
     print_profile,
     ratio_line,
     read_timings,
-    set_env,
     timed_vllm_udfs,
-    trl_config,
-    trl_dataset,
-    trl_trainer_class,
-    write_pairs,
 )
 
 

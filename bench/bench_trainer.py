@@ -34,29 +34,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
+from fixtures import (
     CACHE,
-    PeakMemoryWatch,
-    StepRecorder,
     build_bench_model,
-    emit,
     hf_response_logps,
-    in_fresh_process,
-    line,
     load_hf,
     load_pairs,
     local_ray,
-    machine,
     pair_tokens,
-    peak_rss_mib,
-    print_profile,
-    ratio_line,
     set_env,
-    steady_rate,
     trl_config,
     trl_dataset,
     trl_trainer_class,
     write_pairs,
+)
+from harness import (
+    PeakMemoryWatch,
+    StepRecorder,
+    emit,
+    in_fresh_process,
+    line,
+    machine,
+    peak_rss_mib,
+    print_profile,
+    ratio_line,
+    steady_rate,
 )
 
 LR, BETAS, CLIP, WARMUP, BETA = 5e-5, (0.9, 0.95), 1.0, 0.1, 0.1

@@ -25,17 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import (
-    CACHE,
-    build_bench_model,
-    emit,
-    line,
-    load_pairs,
-    local_ray,
-    machine,
-    qwen2_param_count,
-    set_env,
-)
+from fixtures import CACHE, build_bench_model, load_pairs, local_ray, qwen2_param_count, set_env
+from harness import emit, line, machine
 
 
 def measure_loop(config: dict[str, Any]) -> None:

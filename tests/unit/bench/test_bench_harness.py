@@ -1,4 +1,4 @@
-"""bench/common.py: the pure helpers the benchmarks share (formatting, rates, the bench
+"""bench/harness.py and bench/fixtures.py: the pure helpers the benchmarks share (formatting, rates, the bench
 model's size, pair token counts, the timing subclass). No timings are asserted."""
 
 from __future__ import annotations
@@ -7,18 +7,8 @@ import math
 
 import pytest
 
-from bench.common import (
-    BENCH_MODEL,
-    bench_model_config,
-    fmt,
-    line,
-    pair_tokens,
-    qwen2_param_count,
-    ratio_line,
-    read_timings,
-    steady_rate,
-    timed_subclass,
-)
+from bench.fixtures import BENCH_MODEL, bench_model_config, pair_tokens, qwen2_param_count
+from bench.harness import fmt, line, ratio_line, read_timings, steady_rate, timed_subclass
 
 
 def test_fmt_and_line():
@@ -89,7 +79,7 @@ def test_processes_matching_keeps_only_descendants():
     import os
     import subprocess
 
-    from bench.common import descends_from, processes_matching
+    from bench.harness import descends_from, processes_matching
 
     child = subprocess.Popen(["sleep", "5"])
     try:
