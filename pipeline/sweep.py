@@ -410,6 +410,7 @@ def _run_all(config: str, items: list[str], base: RunConfig, runs: list[SweepRun
         console.print(f"sweep interrupted; {len(running)} run(s) stopped. Run the same sweep"
                       " again to resume: finished stages are skipped.")
         return 130
+    write_state(sweep_dir, config, items, runs)  # the last runs' final status
     report = write_report(sweep_dir, runs)
     failed = [r.name for r in runs if r.status != "done"]
     console.print(f"sweep took {time.time() - started:.0f} s;"

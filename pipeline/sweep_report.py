@@ -7,7 +7,8 @@ resampled, pipeline.evalstats.seeded_mean_ci), and the mean logit gap h (the eva
 margin over β) beside the principled loss's target h*. Every other arm is compared with
 the first (the grid's first values): the paired difference of each metric over the same
 prompts, significant when its interval excludes 0 (each comparison at 95%, not corrected
-for the number of arms). Writes report.md, results.csv (a row per run) and two plots:
+for the number of arms). Runs of several rounds get a table by round. Writes report.md,
+results.csv (a row per run) and two plots:
 metrics against KL (every round of every run) and training curves against the step.
 """
 
@@ -26,6 +27,11 @@ from pipeline.metrics import read_metrics
 # (column of evaluate's samples.parquet, what the report calls it); per prompt
 PROMPT_METRICS = [("gold", "gold"), ("gain", "gold gain"), ("win", "win rate"), ("kl", "KL")]
 NULLS = {"gold": None, "gain": 0.0, "win": 0.5, "kl": 0.0}
+
+
+# (evaluate's metric, the row's name): means over an arm's seeds, beside the intervals
+ROW_MEANS = [("eval/len_policy", "length"), ("eval/len_reference", "ref length"),
+             ("eval/ranking/accuracy", "rank acc"), ("eval/ref_ranking_accuracy", "ref rank acc")]
 
 
 @dataclass
@@ -117,6 +123,8 @@ def summarize(results: list[RunResult], arms: list[str] | None = None
         row["h"] = _mean([r.metrics["eval/rewards/margins"] / r.beta
                           if r.beta and "eval/rewards/margins" in r.metrics else None for r in rs])
         row["h_star"] = _mean([r.metrics.get("eval/principled/target_mean") for r in rs])
+        for key, name in ROW_MEANS:
+            row[name] = _mean([r.metrics.get(key) for r in rs])
         rows.append(row)
     first = (arms or order or [None])[0]
     if first is not None and first not in by_arm:
@@ -138,8 +146,37 @@ def summarize(results: list[RunResult], arms: list[str] | None = None
     return rows, notes
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+ROUND_KEYS = [("eval/gold_gain", "gold gain"), ("eval/win_rate", "win rate"), ("eval/kl", "KL"),
+              ("eval/len_policy", "length")]
+
+
+def by_round(runs: list) -> list[list[str]]:
+    """A row per arm and evaluated round (runs with more than one): the means over the arm's
+    seeds of the round's evaluation, and the pairs each round trained on (its train stage's
+    manifest). Empty when every run evaluates one round."""
+    from pipeline.manifest import Manifest
+
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        if run.status != "done":
+            continue
+        evals = evals_by_round(run)
+        if len(evals) < 2:
+            continue
+        for k, row in evals.items():
+            train = Manifest.read(run.dir / f"round-{k}" / "train")
+            pairs = train.outputs.get("trained_pairs", train.outputs.get("num_pairs")) if train else None
+            cells[(run.arm, k)].append({**row, "pairs": pairs})
+    arms = list(dict.fromkeys(run.arm for run in runs))
+    return [[arm, str(k), str(len(rs)), _fmt(_mean([r["pairs"] for r in rs]), 0),
+             *(_fmt(_mean([r.get(key) for r in rs]), 1 if key == "eval/len_policy" else 3)
+               for key, _ in ROUND_KEYS)]
+            for arm in arms for (a, k), rs in sorted(cells.items(), key=lambda c: c[0][1])
+            if a == arm]
 
 
 def write_report(sweep_dir: Path, runs: list) -> Path:
@@ -153,14 +190,21 @@ def write_report(sweep_dir: Path, runs: list) -> Path:
     results = [r for r in found.values() if r is not None]
     rows, notes = summarize(results, list(dict.fromkeys(run.arm for run in runs)))
     header = ["arm", "seeds", "round", "prompts", *(label for _, label in PROMPT_METRICS),
-              "h", "h*"]
+              "h", "h*", "length", "rank acc"]
     table_rows = [[row["arm"], str(row["seeds"]), row["round"], str(row["prompts"]),
                    *(_cell(row[c], NULLS[c]) for c, _ in PROMPT_METRICS),
-                   _fmt(row["h"]), _fmt(row["h_star"])] for row in rows]
+                   _fmt(row["h"]), _fmt(row["h_star"]), _fmt(row["length"], 1),
+                   _fmt(row["rank acc"])] for row in rows]
     missing = [run.name for run in runs if found.get(run.name) is None]
     legend = ("± 95% interval (bootstrap over seeds and held-out prompts); * differs from the"
               " reference (gold gain ≠ 0, win rate ≠ 0.5, KL ≠ 0); h: the eval reward margin"
-              " over β (the mean logit gap), h*: the principled loss's target")
+              " over β (the mean logit gap), h*: the principled loss's target; length: tokens"
+              " per sampled answer; rank acc: held-out pairs whose chosen answer the policy"
+              " ranks higher (means over seeds)")
+    ref = {k: _mean([row[k] for row in rows]) for k in ("ref length", "ref rank acc")}
+    if ref["ref length"] is not None:
+        legend += (f"; the reference: length {_fmt(ref['ref length'], 1)},"
+                   f" rank acc {_fmt(ref['ref rank acc'])}")
     if any(row["seeds"] < 3 for row in rows):
         legend += ("; with fewer than 3 seeds an interval holds little of the run-to-run"
                    " spread (1 seed: none), so read its * with care")
@@ -169,6 +213,11 @@ def write_report(sweep_dir: Path, runs: list) -> Path:
           *("| " + " | ".join(r) + " |" for r in table_rows), "", legend, "",
           ("## Against the first arm (paired over the same prompts; each at 95%, not corrected"
           " for the number of arms)"), "", *(f"- {n}" for n in notes or ["(one arm only)"]), ""]
+    rounds = by_round(runs)
+    if rounds:
+        head = ["arm", "round", "seeds", "pairs trained", *(label for _, label in ROUND_KEYS)]
+        md += ["## By round (means over seeds)", "", "| " + " | ".join(head) + " |",
+               "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rounds), ""]
     if missing:
         md += [f"Runs without results (failed or unfinished): {', '.join(missing)}", ""]
     plots = _plots(out, runs, results)
@@ -190,7 +239,9 @@ def write_report(sweep_dir: Path, runs: list) -> Path:
 
 CSV_KEYS = ["eval/gold_gain", "eval/gold_gain_low", "eval/gold_gain_high", "eval/win_rate",
             "eval/win_rate_low", "eval/win_rate_high", "eval/kl", "eval/kl_low", "eval/kl_high",
-            "eval/rewards/margins", "eval/principled/target_mean", "eval/loss"]
+            "eval/rewards/margins", "eval/principled/target_mean", "eval/loss",
+            "eval/gold_policy", "eval/gold_reference", "eval/len_policy", "eval/len_reference",
+            "eval/ranking/accuracy", "eval/ref_ranking_accuracy"]
 
 
 def _write_csv(path: Path, results: list[RunResult]) -> None:

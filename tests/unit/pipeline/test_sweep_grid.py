@@ -322,3 +322,25 @@ def test_an_interrupted_sweep_stops_its_runs_and_kills_one_that_will_not(monkeyp
     sweep._stop({"a": (runs[0], polite, 0.0), "b": (runs[1], stubborn, 0.0)})
     assert polite.returncode not in (None, -9) and stubborn.returncode == -9
     assert [r.status for r in runs] == ["interrupted", "interrupted"]
+
+
+def test_report_tables_online_runs_by_round_with_the_pairs_each_trained_on(tmp_path):
+    from pipeline.manifest import MANIFEST, Manifest, write_json_atomic
+    from pipeline.sweep_report import by_round
+
+    runs = [_finished_run(tmp_path, f"r{s}", "name=sigmoid", [0.1, 0.3], [0.2, 0.4]) for s in (0, 1)]
+    for s, run in enumerate(runs):
+        run.cfg.rounds.count = 2  # as an online config has it
+        rows = [{"kind": "eval", "round": k, "eval/gold_gain": 0.1 * k + 0.01 * s,
+                 "eval/win_rate": 0.5, "eval/kl": 1.0 + k, "eval/len_policy": 10.0 + k}
+                for k in range(3)]  # round 2: left from an earlier, longer run
+        (run.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for k in range(2):
+            train = run.dir / f"round-{k}" / "train"
+            train.mkdir(parents=True)
+            write_json_atomic(train / MANIFEST, Manifest("train", "k", {}, {
+                "trained_pairs": 30 + 2 * s + k, "num_pairs": 99}, 1.0, 0.0).__dict__)
+    assert by_round(runs) == [["name=sigmoid", "0", "2", "31", "0.005", "0.500", "1.000", "10.0"],
+                              ["name=sigmoid", "1", "2", "32", "0.105", "0.500", "2.000", "11.0"]]
+    runs[0].cfg.rounds.count = runs[1].cfg.rounds.count = 1  # one round each: no table
+    assert by_round(runs) == []
