@@ -140,6 +140,21 @@ def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, An
     return model, keep_alive
 
 
+def step_engine(engine) -> float | None:
+    """engine.step(), and at an accumulation boundary the gradient norm it clipped by (None
+    otherwise). DeepSpeed's ZeRO-1..3 and fp16/bf16 optimizers keep that norm; at ZeRO-0 in
+    fp32 it clips the module's gradients and drops the norm, so it is taken here from the same
+    gradients (all-reduced by backward at the boundary: the same on every rank)."""
+    own = None
+    if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+        norms = [torch.linalg.vector_norm(p.grad.detach().float())
+                 for p in engine.module.parameters() if p.grad is not None]
+        own = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+    engine.step()
+    kept = engine.get_global_grad_norm()
+    return float(kept) if kept is not None else own
+
+
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -265,6 +280,7 @@ class DPORecipe:
         mb = cfg.micro_batch_size
         micro, t_step, tokens, acc, step_ids = 0, time.perf_counter(), 0, {}, []
         last_good, last_epoch, ran_out, real = None, 0, False, 0  # real: this step's batches
+        grad_norm: float | None = None  # of the last optimizer step
         self.progress(state.step + 1, "data")  # marks name the optimizer step being worked on
         batches = global_micro_batches(job.dataset, mb * world, cfg.epochs, state.cursor)
         for cursor, epoch, rows in itertools.chain(batches, itertools.repeat((None, None, None))):
@@ -285,7 +301,7 @@ class DPORecipe:
                 self.progress(state.step + 1, "backward")
                 engine.backward(loss * 0.0)
                 self.progress(state.step + 1, "optimizer step")
-                engine.step()
+                grad_norm = step_engine(engine)
                 micro += 1
             else:
                 state.cursor, last_epoch = cursor + 1, epoch
@@ -306,7 +322,7 @@ class DPORecipe:
                 self.progress(state.step + 1, "backward")
                 engine.backward(loss)
                 self.progress(state.step + 1, "optimizer step")
-                engine.step()
+                grad_norm = step_engine(engine)
                 micro += 1
                 step_ids += ids
                 tokens += pair_tokens(mine)
@@ -326,10 +342,9 @@ class DPORecipe:
             metrics = _mean_across_ranks(acc)
             metrics["tokens_per_s"] *= world  # throughput of the whole group
             metrics["pairs_per_s"] *= world
-            grad_norm = engine.get_global_grad_norm()
             metrics.update({"step": state.step, "epoch": epoch,
                             "lr": engine.lr_scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                            "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                             "nonfinite_skipped": guard.skipped, "resumed_from": resumed_from,
                             "batch_digest": batch_digest(step_ids)})
             if rank == 0 and self.sink is not None:
