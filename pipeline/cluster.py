@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from workers.logsetup import LOG_DIR_ENV
 
 # Defaults for processes Ray starts; a value already in the driver's environment wins.
@@ -135,6 +135,8 @@ def connect(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {"dashboard_url": _dashboard_url(None), "address": ctx.gcs_address,
                 "started_local": False}
+    if cfg.ray.address is None:
+        check_dashboard_port(cfg.ray.dashboard_host, cfg.ray.dashboard_port)
     # Inside a submitted job, Ray refuses env vars set both by the job and by ray.init.
     job_env = _job_env_vars()
     env = {k: v for k, v in env.items() if k not in job_env}
@@ -142,6 +144,25 @@ def connect(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
         info = ray.init(**init_kwargs(cfg, env, verbose))
     return {"dashboard_url": _dashboard_url(info), "address": info.address_info.get("gcs_address"),
             "started_local": cfg.ray.address is None}
+
+
+def check_dashboard_port(host: str, port: int) -> None:
+    """A local cluster's dashboard port taken (a second run or sweep on this machine, another
+    Ray cluster, another program) is a ConfigError naming the ways out, before Ray starts half
+    a cluster and fails with a traceback. The same test as Ray's (bind with SO_REUSEADDR)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ConfigError(
+                f"ray.dashboard_port {port} on {host} is taken ({err.strerror}): another Ray"
+                " cluster (a run or sweep already going?) or program holds it. Join that"
+                " cluster with ray.address=auto (or `--ray-address`), or start another with a"
+                " free ray.dashboard_port=...") from None
 
 
 WORKER_SETUP_HOOK = "workers.logsetup.setup_worker_logging"

@@ -30,7 +30,8 @@ NULLS = {"gold": None, "gain": 0.0, "win": 0.5, "kl": 0.0}
 
 
 # (evaluate's metric, the row's name): means over an arm's seeds, beside the intervals
-ROW_MEANS = [("eval/len_policy", "length"), ("eval/len_reference", "ref length"),
+ROW_MEANS = [("train/h_half", "h train half"), ("train/h_end", "h train end"),
+             ("eval/len_policy", "length"), ("eval/len_reference", "ref length"),
              ("eval/ranking/accuracy", "rank acc"), ("eval/ref_ranking_accuracy", "ref rank acc")]
 
 
@@ -76,7 +77,26 @@ def collect(run) -> RunResult | None:
                                   zip(keys, t["gold_policy"], t["gold_reference"])}
             per_prompt["win"] = dict(zip(keys, t["win"]))
     beta = validate_loss(run.cfg.loss).get("beta")
-    return RunResult(run.name, run.arm, k, evals[k], per_prompt, beta)
+    return RunResult(run.name, run.arm, k, {**evals[k], **train_gap(run, beta)}, per_prompt, beta)
+
+
+def train_steps(run) -> list[dict[str, Any]]:
+    """The run's train rows in optimizer-step order across rounds (a step redone after a
+    resume appears again: its last row counts)."""
+    steps: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in read_metrics(run.dir / "metrics.jsonl"):
+        if r.get("kind") == "train":
+            steps[(r.get("round", 0), r.get("step", 0))] = r
+    return [steps[k] for k in sorted(steps)]
+
+
+def train_gap(run, beta: float | None) -> dict[str, float]:
+    """h on the training batches (their reward margin over β) half-way through training and
+    at its last step: whether the gap settles or keeps growing."""
+    margins = [r["rewards/margins"] for r in train_steps(run) if r.get("rewards/margins") is not None]
+    if not beta or not margins:
+        return {}
+    return {"train/h_half": margins[(len(margins) - 1) // 2] / beta, "train/h_end": margins[-1] / beta}
 
 
 def _values(results: list[RunResult], column: str, prompts: list[Any]) -> list[list[float]]:
@@ -190,15 +210,18 @@ def write_report(sweep_dir: Path, runs: list) -> Path:
     results = [r for r in found.values() if r is not None]
     rows, notes = summarize(results, list(dict.fromkeys(run.arm for run in runs)))
     header = ["arm", "seeds", "round", "prompts", *(label for _, label in PROMPT_METRICS),
-              "h", "h*", "length", "rank acc"]
+              "h", "h*", "h train ½ → end", "length", "rank acc"]
     table_rows = [[row["arm"], str(row["seeds"]), row["round"], str(row["prompts"]),
                    *(_cell(row[c], NULLS[c]) for c, _ in PROMPT_METRICS),
-                   _fmt(row["h"]), _fmt(row["h_star"]), _fmt(row["length"], 1),
+                   _fmt(row["h"]), _fmt(row["h_star"]),
+                   f"{_fmt(row['h train half'], 2)} → {_fmt(row['h train end'], 2)}",
+                   _fmt(row["length"], 1),
                    _fmt(row["rank acc"])] for row in rows]
     missing = [run.name for run in runs if found.get(run.name) is None]
     legend = ("± 95% interval (bootstrap over seeds and held-out prompts); * differs from the"
               " reference (gold gain ≠ 0, win rate ≠ 0.5, KL ≠ 0); h: the eval reward margin"
-              " over β (the mean logit gap), h*: the principled loss's target; length: tokens"
+              " over β (the mean logit gap) on the held-out pairs, h*: the principled loss's target, h train:"
+              " the training batches' gap half-way through training and at its last step; length: tokens"
               " per sampled answer; rank acc: held-out pairs whose chosen answer the policy"
               " ranks higher (means over seeds)")
     ref = {k: _mean([row[k] for row in rows]) for k in ("ref length", "ref rank acc")}
@@ -241,7 +264,7 @@ CSV_KEYS = ["eval/gold_gain", "eval/gold_gain_low", "eval/gold_gain_high", "eval
             "eval/win_rate_low", "eval/win_rate_high", "eval/kl", "eval/kl_low", "eval/kl_high",
             "eval/rewards/margins", "eval/principled/target_mean", "eval/loss",
             "eval/gold_policy", "eval/gold_reference", "eval/len_policy", "eval/len_reference",
-            "eval/ranking/accuracy", "eval/ref_ranking_accuracy"]
+            "eval/ranking/accuracy", "eval/ref_ranking_accuracy", "train/h_half", "train/h_end"]
 
 
 def _write_csv(path: Path, results: list[RunResult]) -> None:
@@ -289,11 +312,7 @@ def _plots(out: Path, runs: list, results: list[RunResult]) -> list[Path]:
     keys = ["loss", "rewards/margins", "principled/gap_to_target"]
     fig, axes = plt.subplots(1, len(keys), figsize=(15, 4.5))
     for run in done:
-        train = [r for r in read_metrics(run.dir / "metrics.jsonl") if r.get("kind") == "train"]
-        steps: dict[tuple[int, int], dict[str, Any]] = {}
-        for r in train:  # a resumed step appears again: its last row
-            steps[(r.get("round", 0), r.get("step", 0))] = r
-        ordered = [steps[k] for k in sorted(steps)]
+        ordered = train_steps(run)
         for ax, key in zip(axes, keys):
             ys = [(i + 1, r[key]) for i, r in enumerate(ordered) if key in r]
             if ys:

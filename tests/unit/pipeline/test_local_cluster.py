@@ -32,3 +32,21 @@ def test_parquet_is_read_through_ray_datas_v1_datasource(monkeypatch):
     monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")  # a user's choice wins
     configure_ray_data()
     assert ctx.use_datasource_v2 is True
+
+
+def test_a_taken_dashboard_port_is_a_config_error_naming_the_ways_out():
+    import socket
+
+    import pytest
+
+    from pipeline.cluster import check_dashboard_port
+    from pipeline.config import ConfigError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"ray.dashboard_port {port} on 127.0.0.1 is taken"
+                                              r".*ray.address=auto"):
+            check_dashboard_port("127.0.0.1", port)
+    check_dashboard_port("127.0.0.1", port)  # free again

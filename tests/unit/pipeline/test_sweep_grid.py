@@ -344,3 +344,15 @@ def test_report_tables_online_runs_by_round_with_the_pairs_each_trained_on(tmp_p
                               ["name=sigmoid", "1", "2", "32", "0.105", "0.500", "2.000", "11.0"]]
     runs[0].cfg.rounds.count = runs[1].cfg.rounds.count = 1  # one round each: no table
     assert by_round(runs) == []
+
+
+def test_report_reads_the_training_gap_half_way_and_at_the_end(tmp_path):
+    run = _finished_run(tmp_path, "r", "a", [0.1, 0.2], [0.0, 0.0])
+    rows = [{"kind": "train", "round": 0, "step": s, "rewards/margins": 0.1 * s} for s in range(1, 6)]
+    rows.append({"kind": "train", "round": 0, "step": 5, "rewards/margins": 0.8})  # redone after a resume
+    with (run.dir / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = collect(run).metrics
+    assert metrics["train/h_half"] == pytest.approx(3.0) and metrics["train/h_end"] == pytest.approx(8.0)
+    row = summarize([collect(run)])[0][0]
+    assert row["h train end"] == pytest.approx(8.0)
