@@ -64,7 +64,7 @@ def test_a_sweep_runs_its_grid_side_by_side_and_reports(make_config, tmp_path):
     report = (sweep_dir / "report" / "report.md").read_text()
     assert "| name=sigmoid | 1 | 0 |" in report and "| name=ipo | 1 | 0 |" in report
     assert "- name=ipo vs name=sigmoid (16 prompts): gold gain" in report and "KL" in report
-    assert "name=ipo vs name=sigmoid: gold gain" in out  # and on the console
+    assert "name=ipo vs name=sigmoid (16 prompts): gold gain" in out  # and on the console
     for png in ("metric_vs_kl.png", "metric_vs_step.png"):
         assert (sweep_dir / "report" / png).stat().st_size > 10_000
     with (sweep_dir / "report" / "results.csv").open() as f:

@@ -309,16 +309,19 @@ def test_an_interrupted_sweep_stops_its_runs_and_kills_one_that_will_not(monkeyp
                                                                         tmp_path):
     import subprocess
     import sys
-    import time
 
     from pipeline import sweep
 
-    monkeypatch.setattr(sweep, "STOP_WAIT_S", 2.0)
+    monkeypatch.setattr(sweep, "STOP_WAIT_S", 5.0)
     _, _, runs = expand(config, ["loss.name=sigmoid,ipo"], tmp_path / "sw")
-    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    ignore = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
-    stubborn = subprocess.Popen([sys.executable, "-c", ignore])
-    time.sleep(0.5)  # both started
+    ready = "print('ready', flush=True); time.sleep(60)"
+    polite = subprocess.Popen([sys.executable, "-c", f"import time; {ready}"],
+                              stdout=subprocess.PIPE, text=True)
+    ignore = f"import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); {ready}"
+    stubborn = subprocess.Popen([sys.executable, "-c", ignore],
+                                stdout=subprocess.PIPE, text=True)
+    # each has its SIGINT handling in place (a loaded machine can take seconds to get there)
+    assert polite.stdout.readline() == "ready\n" and stubborn.stdout.readline() == "ready\n"
     sweep._stop({"a": (runs[0], polite, 0.0), "b": (runs[1], stubborn, 0.0)})
     assert polite.returncode not in (None, -9) and stubborn.returncode == -9
     assert [r.status for r in runs] == ["interrupted", "interrupted"]
