@@ -24,6 +24,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def train_steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The train rows in optimizer-step order across rounds; a step redone after a resume
+    appears again in metrics.jsonl, and its last row counts."""
+    steps: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("kind") == "train":
+            steps[(r.get("round", 0), r.get("step", 0))] = r
+    return [steps[k] for k in sorted(steps)]
+
+
 def lifecycle_line(rows: list[dict[str, Any]], since: float = 0.0) -> str:
     """What started and what was loaded since `since` (a driver session's start), from the
     `lifecycle` rows: 'engines: 2 started (1 restart), 3 weight updates (0.07 s); trainer: 1 start (ZeRO-3)'."""
@@ -55,7 +65,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    train = [r for r in rows if r.get("kind") == "train"]
+    train = train_steps(rows)
     if train:
         fig, axes = plt.subplots(2, 3, figsize=(15, 8))
         x = list(range(1, len(train) + 1))  # global step across rounds

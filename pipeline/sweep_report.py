@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.console import console
 from pipeline.evalstats import Interval, seeded_diff_ci, seeded_mean_ci
-from pipeline.metrics import read_metrics
+from pipeline.metrics import read_metrics, train_steps
 
 # (column of evaluate's samples.parquet, what the report calls it); per prompt
 PROMPT_METRICS = [("gold", "gold"), ("gain", "gold gain"), ("win", "win rate"), ("kl", "KL")]
@@ -80,20 +80,11 @@ def collect(run) -> RunResult | None:
     return RunResult(run.name, run.arm, k, {**evals[k], **train_gap(run, beta)}, per_prompt, beta)
 
 
-def train_steps(run) -> list[dict[str, Any]]:
-    """The run's train rows in optimizer-step order across rounds (a step redone after a
-    resume appears again: its last row counts)."""
-    steps: dict[tuple[int, int], dict[str, Any]] = {}
-    for r in read_metrics(run.dir / "metrics.jsonl"):
-        if r.get("kind") == "train":
-            steps[(r.get("round", 0), r.get("step", 0))] = r
-    return [steps[k] for k in sorted(steps)]
-
-
 def train_gap(run, beta: float | None) -> dict[str, float]:
     """h on the training batches (their reward margin over β) half-way through training and
     at its last step: whether the gap settles or keeps growing."""
-    margins = [r["rewards/margins"] for r in train_steps(run) if r.get("rewards/margins") is not None]
+    rows = train_steps(read_metrics(run.dir / "metrics.jsonl"))
+    margins = [r["rewards/margins"] for r in rows if r.get("rewards/margins") is not None]
     if not beta or not margins:
         return {}
     return {"train/h_half": margins[(len(margins) - 1) // 2] / beta, "train/h_end": margins[-1] / beta}
@@ -312,7 +303,7 @@ def _plots(out: Path, runs: list, results: list[RunResult]) -> list[Path]:
     keys = ["loss", "rewards/margins", "principled/gap_to_target"]
     fig, axes = plt.subplots(1, len(keys), figsize=(15, 4.5))
     for run in done:
-        ordered = train_steps(run)
+        ordered = train_steps(read_metrics(run.dir / "metrics.jsonl"))
         for ax, key in zip(axes, keys):
             ys = [(i + 1, r[key]) for i, r in enumerate(ordered) if key in r]
             if ys:
