@@ -617,17 +617,22 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str)
     return raw
 
 
-def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config, apply dotted-key overrides (e.g. {"run_dir": "x"}, see
-    parse_overrides), validate the result like a file."""
-    path = Path(path)
+def read_config_file(path: Path) -> Any:
+    """A config file's YAML as written (before overrides and validation)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    raw = raw or {}
+    return raw or {}
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted-key overrides (e.g. {"run_dir": "x"}, see
+    parse_overrides), validate the result like a file."""
+    path = Path(path)
+    raw = read_config_file(path)
     if overrides:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")

@@ -34,7 +34,14 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, load_config, parse_overrides, yaml_numbers
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    parse_overrides,
+    read_config_file,
+    yaml_numbers,
+)
 from pipeline.console import console, log_dir_of, quiet_driver
 from pipeline.manifest import stable_hash
 from pipeline.preflight import check_paths
@@ -167,8 +174,8 @@ class SweepRun:
 def raw_config(config: str) -> dict[str, Any]:
     """The config file as written (before validation; load_config reports its problems)."""
     try:
-        raw = yaml.safe_load(Path(config).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = read_config_file(Path(config))
+    except (OSError, ConfigError):
         return {}
     return raw if isinstance(raw, dict) else {}
 
