@@ -6,7 +6,8 @@ split) is an axis of the grid; one with a single value applies to every run. The
 every combination, in the order given. Each run is a normal run directory,
 `<sweep dir>/<NN>_<key=value,...>`, started as `rayalign run CONFIG <overrides>` in its own
 driver process that joins the sweep's cluster, so it is resumable like any run: running the
-same sweep again skips every finished stage. Runs whose reference weights and data are the
+same sweep again skips every finished stage, and so does a grid that grows: a run is found
+by its config, not its name (adopt_existing). Runs whose reference weights and data are the
 same share one reference cache (`<sweep dir>/cache/reference`, unless the config names one).
 
 Every run's config, paths and placement are checked before anything starts. Runs start
@@ -44,7 +45,7 @@ from pipeline.config import (
 )
 from pipeline.console import console, log_dir_of, quiet_driver
 from pipeline.manifest import stable_hash
-from pipeline.preflight import check_paths
+from pipeline.preflight import check_paths, with_absolute_paths
 
 POLL_S = 1.0
 
@@ -241,8 +242,45 @@ def expand(config: str, items: list[str], sweep_dir: Path, ray_address: str | No
     if problems:
         raise ConfigError(f"{len(problems)} of the grid's {len(runs) + len(problems)} runs cannot"
                           " run:\n" + _grouped(problems))
+    adopt_existing(runs, sweep_dir)
     base = runs[0].cfg.model_copy(update={"run_dir": str(sweep_dir)})
     return base, axes, runs
+
+
+def run_identity(cfg: RunConfig) -> str:
+    """What makes two runs the same run: the whole config as it runs (absolute paths) but
+    for where it lives and the cluster it joins."""
+    dump = with_absolute_paths(cfg).model_dump(mode="json")
+    return stable_hash({k: v for k, v in dump.items() if k not in ("run_dir", "ray")})
+
+
+def adopt_existing(runs: list[SweepRun], sweep_dir: Path) -> None:
+    """Runs of this grid that an earlier sweep in the same directory started with the same
+    config carry on in those runs' directories, whatever their names were: a grid that grows
+    (seed=1 → seed=1,2,3, an arm put first) resumes what it has instead of renaming and
+    recomputing it. A run whose name is a directory holding another config gets a name of
+    its own, so the earlier run is left as it was."""
+    found: dict[str, str | None] = {}  # directory name → identity of the run in it
+    for config in sorted(sweep_dir.glob("*/config.yaml")) if sweep_dir.is_dir() else []:
+        try:
+            found[config.parent.name] = run_identity(load_config(config))
+        except (ConfigError, OSError):
+            found[config.parent.name] = None  # not a run this version reads: left alone
+    free: dict[str, list[str]] = {}
+    for name, identity in found.items():
+        if identity:
+            free.setdefault(identity, []).append(name)
+    for run in runs:
+        identity = run_identity(run.cfg)
+        name = free[identity].pop(0) if free.get(identity) else (
+            f"{run.name}-{identity[:8]}" if run.name in found else run.name)
+        if name != run.name:
+            run.name = name
+            run.overrides["run_dir"] = str(sweep_dir / name)
+            run.cfg = run.cfg.model_copy(update={"run_dir": str(sweep_dir / name)})
+    if len({r.name for r in runs}) < len(runs):
+        raise ConfigError(f"sweep: {sweep_dir} holds runs whose names this grid would give to"
+                          " other configs; give the sweep another --sweep-dir")
 
 
 def _grouped(problems: list[tuple[str, str]]) -> str:
@@ -327,7 +365,8 @@ def dry_run_text(config: str, axes: list[Axis], runs: list[SweepRun], have,
     for r in runs:
         fp = run_footprint(stage_plans(r.cfg))
         lines.append(f"  {r.name.ljust(width)}  holds {sum(p.cpus for p in fp):g} CPU /"
-                     f" {sum(p.gpus for p in fp):g} GPU  → {r.dir}")
+                     f" {sum(p.gpus for p in fp):g} GPU  → {r.dir}"
+                     + ("  (started before: resumes)" if (r.dir / "config.yaml").is_file() else ""))
     lines += ["", (f"placement on {have.source} ({have.cpus:g} CPU / {have.gpus:g} GPU in"
               f" {len(have.nodes)} node(s)), at most {max_concurrent} at once:")]
     lines += [f"  together: {', '.join(w)}" for w in waves(runs, have.nodes, max_concurrent)]

@@ -14,6 +14,7 @@ import yaml
 from pipeline.cli import build_parser, main, parse_args
 from pipeline.config import ConfigError, load_config, parse_overrides
 from pipeline.evalstats import mean_ci, paired_diff_ci, seeded_diff_ci, seeded_mean_ci
+from pipeline.preflight import with_absolute_paths
 from pipeline.sweep import (
     Placement,
     SweepRun,
@@ -261,6 +262,43 @@ def test_arm_picks_named_arms(config, tmp_path):
         expand(config, ["arm=dpo,kto"], tmp_path / "sw", arms=arms)
     with pytest.raises(ConfigError, match="picks named arms of an --arms file"):
         expand(config, ["arm=dpo,ipo"], tmp_path / "sw")
+
+
+def _started(run, address="10.0.0.1:6379"):
+    """The run directory `rayalign run` leaves (its config.yaml as pipeline.dag writes it)."""
+    cfg = with_absolute_paths(run.cfg.model_copy(
+        update={"ray": run.cfg.ray.model_copy(update={"address": address})}))
+    run.dir.mkdir(parents=True)
+    (run.dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                        sort_keys=False))
+
+
+def test_a_grown_grid_resumes_the_runs_it_already_has(config, tmp_path):
+    """seed=1 → seed=1,2 and a new arm in front: the seed-1 runs keep their directories
+    (their names had no seed and another index) instead of being renamed and recomputed."""
+    arms = {"dpo": {"loss.name": "sigmoid"}, "ipo": {"loss.name": "ipo"},
+            "simpo": {"loss.name": "simpo"}}
+    sw = tmp_path / "sw"
+    _, _, first = expand(config, ["arm=dpo,ipo", "seed=1"], sw, arms=arms)
+    assert [r.name for r in first] == ["00_dpo", "01_ipo"]
+    for run in first:
+        _started(run)
+    _, _, grown = expand(config, ["arm=simpo,dpo,ipo", "seed=1,2"], sw, arms=arms)
+    assert [r.name for r in grown] == ["00_simpo,seed=1", "01_simpo,seed=2", "00_dpo",
+                                       "03_dpo,seed=2", "01_ipo", "05_ipo,seed=2"]
+    assert grown[2].cfg.run_dir == str(sw / "00_dpo") and grown[2].cfg.train.seed == 1
+    args = parse_args(build_parser(), grown[4].argv(config, None)[3:])
+    assert args.run_dir == str(sw / "01_ipo")
+    # a run whose config changed is a new run: it gets a name of its own, the old is kept
+    _, _, changed = expand(config, ["arm=dpo,ipo", "seed=1", "train.learning_rate=3e-4"], sw,
+                           arms=arms)
+    assert [r.name.split("-")[0] for r in changed] == ["00_dpo", "01_ipo"]
+    assert all(r.name != o.name for r, o in zip(changed, first))
+    assert all(r.cfg.train.learning_rate == 3e-4 and r.cfg.run_dir == str(sw / r.name)
+               for r in changed)
+    # on the cluster it joins (ray.*) a run is still the same run
+    assert [r.name for r in expand(config, ["arm=dpo", "seed=1", "ray.num_cpus=6"], sw,
+                                   arms=arms)[2]] == ["00_dpo"]
 
 
 def test_each_run_is_checked_from_the_text_its_command_gets(config, tmp_path):
