@@ -39,7 +39,7 @@ from pipeline.console import (
     report_failure,
 )
 from pipeline.data import loss_requires_scores
-from pipeline.evalstats import Interval, paired_by_key, paired_diff_ci
+from pipeline.evalstats import Interval, paired_by_key, paired_diff_ci, unit_keys
 from pipeline.manifest import (
     Manifest,
     commit,
@@ -453,7 +453,6 @@ SUMMARY_ROWS = [
     ("eval/win_rate", "samples", "win", "eval/win_rate", 0.5),
     ("eval/len_policy", None, None, None, None),
 ]
-UNIT_KEYS = {"pairs": "id", "samples": "prompt"}  # what pairs the units of two rounds
 
 
 def _interval(m: dict[str, Any], key: str) -> Interval | None:
@@ -462,17 +461,17 @@ def _interval(m: dict[str, Any], key: str) -> Interval | None:
     return None
 
 
-def _units(r: Round, file: str, column: str) -> dict[str, float] | None:
-    """{prompt or pair id: value} of one column of a round's evaluate outputs."""
+def _units(r: Round, file: str, column: str) -> dict[Any, float] | None:
+    """{unit key (evalstats.unit_keys): value} of one column of a round's evaluate outputs."""
     import pyarrow.parquet as pq
 
     path = r.stage_dirs.get("evaluate", r.dir / "evaluate") / f"{file}.parquet"
     if not path.is_file():
         return None
-    table = pq.read_table(path)
-    if column not in table.column_names:
+    table = pq.read_table(path).to_pydict()
+    if column not in table:
         return None
-    return dict(zip(table[UNIT_KEYS[file]].to_pylist(), table[column].to_pylist()))
+    return dict(zip(unit_keys(file, table), table[column]))
 
 
 def summary_cell(m: dict[str, Any], key: str, ref_key: str | None, null: float | None,

@@ -131,6 +131,15 @@ def mark(ci: Interval, null: float = 0.0) -> str:
     return "*" if ci.excludes(null) else ""
 
 
+def unit_keys(file: str, columns: dict[str, list]) -> list:
+    """What pairs the units of two evaluations of the same eval data (two rounds, two runs):
+    a pair (pairs.parquet) by its id; a prompt (samples.parquet) by its place in evaluate's
+    order and its text, since two multi-turn prompts may end in the same turn's text."""
+    if file == "pairs":
+        return list(columns["id"])
+    return list(enumerate(columns["prompt"]))
+
+
 def paired_by_key(prev: dict[str, float], cur: dict[str, float]) -> tuple[list[float], list[float]]:
     """The values of the keys (prompts, pair ids) both samples hold, in the same order."""
     keys = [k for k in cur if k in prev]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.console import console
-from pipeline.evalstats import Interval, seeded_diff_ci, seeded_mean_ci
+from pipeline.evalstats import Interval, seeded_diff_ci, seeded_mean_ci, unit_keys
 from pipeline.metrics import read_metrics, train_steps
 
 # (column of evaluate's samples.parquet, what the report calls it); per prompt
@@ -54,9 +54,8 @@ def evals_by_round(run) -> dict[int, dict[str, Any]]:
 
 def collect(run) -> RunResult | None:
     """A finished run's final evaluation (None without one). Per-prompt values are keyed by
-    the prompt's place in evaluate's order and its text: evaluate takes the same prompts in
-    the same order for every run of the same eval data, and two multi-turn prompts may
-    share their last turn's text."""
+    evalstats.unit_keys: evaluate takes the same prompts in the same order for every run of
+    the same eval data."""
     import pyarrow.parquet as pq
 
     from pipeline.config import validate_loss
@@ -69,7 +68,7 @@ def collect(run) -> RunResult | None:
     path = run.dir / f"round-{k}" / "evaluate" / "samples.parquet"
     if path.is_file():
         t = pq.read_table(path).to_pydict()
-        keys = list(enumerate(t["prompt"]))
+        keys = unit_keys("samples", t)
         per_prompt["kl"] = dict(zip(keys, t["kl"]))
         if "gold_policy" in t:
             per_prompt["gold"] = dict(zip(keys, t["gold_policy"]))

@@ -8,6 +8,7 @@ from pipeline.evalstats import (
     mean_ci,
     paired_by_key,
     paired_diff_ci,
+    unit_keys,
     win_rate_ci,
     wins,
 )
@@ -141,3 +142,26 @@ def test_shared_metric_functions():
     assert np.allclose(out["margin"], [0.1, -0.4])
     assert out["reward_accuracy"].tolist() == [1.0, 0.0]
     assert out["ranking"].tolist() == [1.0, 0.0] and out["ref_ranking"].tolist() == [0.0, 1.0]
+
+
+def test_prompts_that_end_in_the_same_text_stay_apart_between_rounds(tmp_path):
+    """Two multi-turn eval prompts ending in the same question are two units: the summary's
+    round-vs-round comparison (pipeline.dag._units) pairs each with itself, not one with the
+    other's value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.dag import Round, _units
+
+    values = {}
+    for k, gains in ((0, [0.1, 0.9, 0.5]), (1, [0.2, 1.0, 0.6])):
+        out = tmp_path / f"round-{k}" / "evaluate"
+        out.mkdir(parents=True)
+        pq.write_table(pa.table({"prompt": ["List three fruits.", "List three fruits.", "Hi"],
+                                 "win": gains}), out / "samples.parquet")
+        r = Round(cfg=None, run_dir=tmp_path, index=k, policy_path="", reference_path="", env={})
+        values[k] = _units(r, "samples", "win")
+    assert len(values[0]) == 3
+    before, now = paired_by_key(values[0], values[1])
+    assert np.allclose(np.subtract(now, before), 0.1)
+    assert unit_keys("pairs", {"id": ["a", "b"]}) == ["a", "b"]
