@@ -430,12 +430,13 @@ def _run_all(config: str, items: list[str], base: RunConfig, runs: list[SweepRun
     running: dict[str, tuple[SweepRun, subprocess.Popen, float]] = {}
     try:
         while pending or running:
-            for run in start_what_fits(pending, place, limit - len(running)):
+            wave = start_what_fits(pending, place, limit - len(running))
+            for i, run in enumerate(wave, 1):
                 run.status = "running"
                 running[run.name] = (run, _launch(run, config, info["address"]), time.time())
                 console.print(f"  ▶ {run.name} started ({len(running)} running,"
-                              f" {len(pending)} waiting); console: {run.dir / 'console.log'}",
-                              soft_wrap=True)
+                              f" {len(pending) + len(wave) - i} waiting); console:"
+                              f" {run.dir / 'console.log'}", soft_wrap=True)
             write_state(sweep_dir, config, items, runs)
             time.sleep(POLL_S)
             for name, (run, proc, t0) in list(running.items()):
