@@ -236,15 +236,21 @@ def normalize_row(row: dict[str, Any], cfg: PrepareConfig, requires_scores: bool
     return pair
 
 
+def prompt_messages(prompt: str | Messages, cfg: PrepareConfig) -> Messages:
+    """The conversation a response answers: the prompt's turns (a plain string is one user
+    turn), after ``data.system_prompt`` when the prompt has no system turn of its own."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+    return messages
+
+
 def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: PrepareConfig) -> str:
     """Prompt text as the model sees it: the chat template for messages (and, with
     ``data.chat_template: always``, for plain strings as a user turn)."""
-    if isinstance(prompt, str):
-        if cfg.chat_template != "always":
-            return prompt
-        prompt = [{"role": "user", "content": prompt}]
-    if cfg.system_prompt and prompt[0]["role"] != "system":
-        prompt = [{"role": "system", "content": cfg.system_prompt}] + prompt
+    if isinstance(prompt, str) and cfg.chat_template != "always":
+        return prompt
+    prompt = prompt_messages(prompt, cfg)
     if not getattr(tokenizer, "chat_template", None):
         raise BadRow("no_chat_template", "messages given but the tokenizer has no chat template")
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -284,7 +290,9 @@ def tokenize_pair(pair: Pair, tokenizer: Any, cfg: PrepareConfig) -> dict[str, A
     if responses[0] == responses[1]:
         raise BadRow("chosen_equals_rejected", "identical after tokenisation/truncation")
     text = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]
-    return {"id": pair.id, "prompt_text": text, "prompt_ids": prompt_ids, "chosen_ids": responses[0],
+    return {"id": pair.id, "prompt_text": text,
+            "prompt_messages": json.dumps(prompt_messages(pair.prompt, cfg), ensure_ascii=False),
+            "prompt_ids": prompt_ids, "chosen_ids": responses[0],
             "rejected_ids": responses[1], "chosen_score": pair.chosen_score,
             "rejected_score": pair.rejected_score, "truncated": truncated}
 

@@ -66,7 +66,8 @@ def build_pairs(samples: Iterable[dict[str, Any]], cfg: RoundsConfig, seed: int
                 continue
             pairs.append({
                 "id": f"{prompt_id}:{c['sample_index']}>{r['sample_index']}",
-                "prompt_text": c["prompt_text"], "prompt_ids": list(c["prompt_ids"]),
+                "prompt_text": c["prompt_text"], "prompt_messages": c.get("prompt_messages"),
+                "prompt_ids": list(c["prompt_ids"]),
                 "chosen_ids": list(c["response_ids"]), "rejected_ids": list(r["response_ids"]),
                 "chosen_score": scores[i], "rejected_score": scores[j],
                 "chosen_winrate": rates[i], "rejected_winrate": rates[j],

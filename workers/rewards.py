@@ -59,8 +59,11 @@ class _ResidentScorer:
 
 
 class RewardModelScorer(_ResidentScorer):
-    """Scores with a HF sequence-classification reward model (one logit per sequence),
-    on the chat-formatted prompt + response when the tokenizer has a chat template."""
+    """Scores with a HF sequence-classification reward model (one logit per sequence), on
+    the whole conversation (`prompt_messages`: system and earlier turns too) and the
+    response in the reward model's own chat template when its tokenizer has one. A text
+    longer than max_length (or the model's positions) loses its oldest tokens: the response
+    and the latest turns are what is scored."""
 
     def __init__(self, model_path: str, trust_remote_code: bool = False, max_length: int = 2048):
         import torch
@@ -76,20 +79,29 @@ class RewardModelScorer(_ResidentScorer):
                              f" got {self.model.config.num_labels}")
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
+        self.tok.truncation_side = "left"
         self.model.config.pad_token_id = self.tok.pad_token_id
-        self.max_length = max_length
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = min(max_length, positions) if positions else max_length
 
-    def texts(self, prompts: list[str], responses: list[str]) -> list[str]:
+    def texts(self, conversations: list[list[dict[str, str]]], responses: list[str]) -> list[str]:
         if getattr(self.tok, "chat_template", None):
-            return [self.tok.apply_chat_template([{"role": "user", "content": p},
-                                                  {"role": "assistant", "content": r}],
-                                                 tokenize=False) for p, r in zip(prompts, responses)]
-        return [p + r for p, r in zip(prompts, responses)]
+            return [self.tok.apply_chat_template([*c, {"role": "assistant", "content": r}],
+                                                 tokenize=False)
+                    for c, r in zip(conversations, responses)]
+        return ["\n\n".join(m["content"] for m in c) + r for c, r in zip(conversations, responses)]
 
     def __call__(self, batch):
+        import json
+
         import pyarrow as pa
 
-        texts = self.texts(batch.column("prompt_text").to_pylist(), batch.column("response").to_pylist())
+        names = batch.column_names
+        messages = batch.column("prompt_messages").to_pylist() if "prompt_messages" in names \
+            else [None] * batch.num_rows
+        conversations = [json.loads(m) if m else [{"role": "user", "content": p}]
+                         for m, p in zip(messages, batch.column("prompt_text").to_pylist())]
+        texts = self.texts(conversations, batch.column("response").to_pylist())
         enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True,
                        max_length=self.max_length, add_special_tokens=False).to(self.device)
         with self.torch.no_grad():

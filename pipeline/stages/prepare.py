@@ -34,7 +34,10 @@ from pipeline.config import ConfigError, PrepareConfig
 from pipeline.data import BadRow, normalize_row, row_json, tokenize_pair
 
 PAIR_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt_text", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
+    # prompt_text: the last user turn (what a reward function reads); prompt_messages: the
+    # whole conversation as JSON (what a reward model reads); prompt_ids: as the policy sees it
+    ("id", pa.string()), ("prompt_text", pa.string()), ("prompt_messages", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
     ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
     ("chosen_score", pa.float64()), ("rejected_score", pa.float64()), ("truncated", pa.string()),
     ("source_file", pa.string()), ("source_row", pa.int64()),

@@ -6,6 +6,7 @@ previous round's exported checkpoint in place, no engine restart.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from pipeline.preflight import expand_paths
 
 
 def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, Any]]:
-    """Every prompt a round may sample from: {prompt_id, prompt_text, prompt_ids}."""
+    """Every prompt a round may sample from: {prompt_id, prompt_text, prompt_messages,
+    prompt_ids} (pipeline.stages.prepare.PAIR_SCHEMA says what each is)."""
     if cfg.rounds.prompts:
         from transformers import AutoTokenizer
 
-        from pipeline.data import render_prompt
+        from pipeline.data import prompt_messages, render_prompt
         from pipeline.stages.prepare import file_rows
 
         tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
@@ -38,14 +40,20 @@ def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, A
                 ids = tok(render_prompt(prompt, tok, render_cfg), add_special_tokens=False)["input_ids"]
                 text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
                 pool.append({"prompt_id": str(row.get("id") or f"{Path(path).name}:{i}"),
-                             "prompt_text": text, "prompt_ids": ids[-cfg.data.max_prompt_tokens:]})
+                             "prompt_text": text,
+                             "prompt_messages": json.dumps(prompt_messages(prompt, render_cfg),
+                                                           ensure_ascii=False),
+                             "prompt_ids": ids[-cfg.data.max_prompt_tokens:]})
         return pool
     if prepared_train is None:
         raise ValueError("online rounds need prompts: set rounds.prompts or data.train")
     # one entry per distinct prompt as the model sees it: conversations that end in the same
     # question after different earlier turns are different prompts
     seen: dict[tuple[int, ...], dict[str, Any]] = {}
-    for row in pq.read_table(prepared_train, columns=["prompt_text", "prompt_ids"]).to_pylist():
+    names = pq.ParquetDataset(prepared_train).schema.names
+    # (prepared by an earlier version: no prompt_messages; a reward model then reads prompt_text)
+    columns = [c for c in ("prompt_text", "prompt_messages", "prompt_ids") if c in names]
+    for row in pq.read_table(prepared_train, columns=columns).to_pylist():
         seen.setdefault(tuple(row["prompt_ids"]), {"prompt_id": f"p{len(seen)}", **row})
     return list(seen.values())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -93,6 +94,16 @@ def test_chat_rendering_and_tokenisation(tok):
     assert out["chosen_ids"][-1] == tok.eos_token_id
     assert tok.decode(out["chosen_ids"][:-1]) == "apple, pear."
     assert out["prompt_text"] == "List two fruits." and out["truncated"] == "none"
+    # the whole conversation goes along for a reward model, with the system turn it got
+    assert json.loads(out["prompt_messages"]) == [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "List two fruits."}]
+    chat = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi, I need fruit."},
+            {"role": "assistant", "content": "Which kind?"},
+            {"role": "user", "content": "List two fruits."}]
+    out = tokenize_pair(normalize_row({"prompt": chat, "chosen": "apple, pear.",
+                                       "rejected": "fig."}, cfg), tok, cfg)
+    assert out["prompt_text"] == "List two fruits." and json.loads(out["prompt_messages"]) == chat
 
 
 @pytest.mark.parametrize("policy, expect_prompt", [("keep_end", [3, 4, 5]), ("keep_start", [1, 2, 3])])

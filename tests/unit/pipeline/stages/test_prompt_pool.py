@@ -23,3 +23,18 @@ def test_conversations_ending_in_the_same_question_are_different_prompts(tmp_pat
     pool = prompt_pool(cfg, path)
     assert [p["prompt_ids"] for p in pool] == [[1, 2, 3, 9], [1, 5, 6, 7, 9], [1, 4, 8]]
     assert len({p["prompt_id"] for p in pool}) == 3
+    assert "prompt_messages" not in pool[0]  # prepared by an earlier version: not there
+
+
+def test_the_pool_carries_each_prompts_conversation_for_a_reward_model(tmp_path):
+    rows = [{"prompt_text": "List three fruits.", "prompt_ids": [1, 2, 3, 9],
+             "prompt_messages": '[{"role": "user", "content": "Hi"}, {"role": "assistant", '
+                                '"content": "Hello"}, {"role": "user", "content": "List three fruits."}]'},
+            {"prompt_text": "Name two metals.", "prompt_ids": [1, 4, 8],
+             "prompt_messages": '[{"role": "user", "content": "Name two metals."}]'}]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = parse_config({"run_dir": str(tmp_path / "run"), "model": {"policy": str(tmp_path)},
+                        "data": {"train": [str(path)]}})
+    assert [p["prompt_messages"] for p in prompt_pool(cfg, path)] == [r["prompt_messages"]
+                                                                     for r in rows]
