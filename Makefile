@@ -35,7 +35,7 @@ demo: $(STAMP)
 	@$(VENV)/bin/rayalign run configs/demo.yaml
 
 test: $(STAMP)
-	@$(PY) -m pytest tests --durations=15; rc=$$?; \
+	@$(PY) -m pytest tests --durations=40; rc=$$?; \
 	 if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 test-unit: $(STAMP)

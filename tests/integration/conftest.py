@@ -116,3 +116,18 @@ def cli_round(make_config, tmp_path_factory):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     return cfg, root / "run", out
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(toy_world, tmp_path_factory):
+    """A real (untrained) HF reward model: Qwen2 with a 1-logit classification head."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained(toy_world.model_dir, num_labels=1)
+    model = Qwen2ForSequenceClassification(cfg)
+    out = tmp_path_factory.mktemp("rm")
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(toy_world.model_dir).save_pretrained(out)
+    return out

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 N_PAIRS = 32  # 4 optimizer steps of 8 pairs, each rank's 4 differing in length
 
 
-def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config, tmp_path):
+def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config, reward_model_dir,
+                                                       tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
     from make_long_chat import write_long_chat
 
@@ -43,7 +44,11 @@ def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config,
         reference={"batch_size": 32, "engine": engine},
         sampling={"batch_size": 32, "n": 4, "max_tokens": 32, "engine": engine},
         rounds={"count": 2, "mode": "online", "prompts_per_round": 24, "min_margin": 0.01},
-        eval={"num_prompts": 8})
+        # the online round's samples are scored by a HF reward model in its actor (the DAG's
+        # score stage on long conversations), the held-out ones by the toy gold reward
+        reward={"kind": "reward_model", "model": str(reward_model_dir), "function": None,
+                "batch_size": 16},
+        eval={"num_prompts": 8, "gold_reward": "pipeline.toy.reward:toy_gold_rewards"})
     with console.capture() as captured:
         assert run_pipeline(cfg) == 0
     out = captured.get()
@@ -63,6 +68,11 @@ def test_long_multi_turn_data_runs_offline_then_online(ray_cluster, make_config,
     print(f"train: {[{k: t[k] for k in ('num_pairs', 'optimizer_steps', 'steps_done')} for t in trained]}")
     assert trained[0]["num_pairs"] == N_PAIRS and trained[0]["steps_done"] == N_PAIRS // 8
     assert trained[1]["steps_done"] == trained[1]["optimizer_steps"] >= 1
+    # the reward model scored every sample on its whole conversation, not the last turn alone
+    assert outputs(1, "score")["samples"] == 24 * 4
+    scored = pq.read_table(run_dir / "round-1" / "score" / "scored").to_pylist()
+    assert max(len(json.loads(r["prompt_messages"])) for r in scored) > 3
+    assert len({round(r["score"], 6) for r in scored}) > 1
     for k in (0, 1):
         metrics = outputs(k, "evaluate")["metrics"]
         assert "eval/kl" in metrics

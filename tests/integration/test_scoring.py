@@ -24,20 +24,6 @@ def samples_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(toy_world, tmp_path_factory):
-    """A real (untrained) HF reward model: Qwen2 with a 1-logit classification head."""
-    from transformers import AutoConfig, AutoTokenizer, Qwen2ForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.from_pretrained(toy_world.model_dir, num_labels=1)
-    model = Qwen2ForSequenceClassification(cfg)
-    out = tmp_path_factory.mktemp("rm")
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(toy_world.model_dir).save_pretrained(out)
-    return out
-
-
 def alive_actors(class_name: str) -> list[str]:
     from ray._private.state import actors
 

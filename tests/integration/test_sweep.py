@@ -1,6 +1,6 @@
 """`rayalign sweep` end to end, as a user runs it: two runs side by side on one local Ray
 cluster (real engines, Ray Data, Ray Train + DeepSpeed), one reference cache between them,
-the report, and the sweep run again finding every stage done."""
+the report, and the sweep run again (its arms in another order) finding every stage done."""
 
 from __future__ import annotations
 
@@ -76,11 +76,17 @@ def test_a_sweep_runs_its_grid_side_by_side_and_reports(make_config, tmp_path):
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["status"] for r in state["runs"]] == ["done", "done"]
 
-    # the same sweep again: resumable like any run, every stage is found done
-    proc = _sweep(config, sweep_dir, "loss.name=sigmoid,ipo", "loss.params={beta: 0.1}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the same sweep again, its arms in the other order: each run is found by its config in
+    # its directory (not by its new name, 00_name=ipo) and every stage is found done
+    proc = _sweep(config, sweep_dir, "loss.name=ipo,sigmoid", "loss.params={beta: 0.1}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name[:2].isdigit()) == names
     for run in runs:
         log = (run / "console.log").read_text().split("Ray dashboard:")[-1]
         for stage in ("prepare", "reference", "train", "evaluate"):
             assert f"round 0 {stage}: up to date, skipped" in log, log
-    assert (sweep_dir / "report" / "report.md").read_text() == report
+    again = (sweep_dir / "report" / "report.md").read_text()
+    assert "- name=sigmoid vs name=ipo (16 prompts): gold gain" in again, again
+    assert [r["name"] for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]] == \
+        names[::-1]
