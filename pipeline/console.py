@@ -31,7 +31,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from workers.logsetup import worker_log_path
 
-console = Console()
+# a terminal gives its width; a log file or pipe (nohup, a sweep's runs, CI) gets room for
+# the summary tables rather than rich's 80 columns; COLUMNS overrides both
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 
 # Loggers of the libraries the driver runs; quiet, they write to driver.log only.
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.util",

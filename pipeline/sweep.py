@@ -504,5 +504,4 @@ def _launch(run: SweepRun, config: str, address: str) -> subprocess.Popen:
     its console output goes to <run_dir>/console.log."""
     run.dir.mkdir(parents=True, exist_ok=True)
     with (run.dir / "console.log").open("a") as log:  # the child holds its own copy
-        return subprocess.Popen(run.argv(config, address), stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "COLUMNS": "120"})
+        return subprocess.Popen(run.argv(config, address), stdout=log, stderr=subprocess.STDOUT)

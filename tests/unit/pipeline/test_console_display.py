@@ -22,3 +22,20 @@ def test_sink_progress_is_the_latest_row_of_the_round(tmp_path, monkeypatch):
 
 def test_train_detail_without_a_rate():
     assert train_detail({"step": 1, "total": None, "steps_per_s": None}) == "1/? steps"
+
+
+def test_a_console_written_to_a_file_is_wide_enough_for_the_summary_tables():
+    """Not a terminal (nohup, a sweep's run, CI): 160 columns, not rich's 80, which cut the
+    sweep's table to 'na…' cells; COLUMNS still decides when it is set."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from pipeline.console import console; print(console.width)"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "160"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "COLUMNS": "100"}, check=True)
+    assert out.stdout.strip() == "100"
