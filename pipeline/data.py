@@ -245,6 +245,15 @@ def prompt_messages(prompt: str | Messages, cfg: PrepareConfig) -> Messages:
     return messages
 
 
+def prompt_columns(prompt: str | Messages, cfg: PrepareConfig) -> dict[str, str]:
+    """A prompt's text columns (pipeline.stages.prepare.PAIR_SCHEMA): `prompt_text`, the last
+    user turn (what a reward function reads), and `prompt_messages`, the conversation as
+    JSON (what a reward model reads)."""
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return {"prompt_text": text,
+            "prompt_messages": json.dumps(prompt_messages(prompt, cfg), ensure_ascii=False)}
+
+
 def render_prompt(prompt: str | Messages, tokenizer: Any, cfg: PrepareConfig) -> str:
     """Prompt text as the model sees it: the chat template for messages (and, with
     ``data.chat_template: always``, for plain strings as a user turn)."""
@@ -289,9 +298,7 @@ def tokenize_pair(pair: Pair, tokenizer: Any, cfg: PrepareConfig) -> dict[str, A
     prompt_ids, responses, truncated = truncate(prompt_ids, responses, cfg)
     if responses[0] == responses[1]:
         raise BadRow("chosen_equals_rejected", "identical after tokenisation/truncation")
-    text = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]
-    return {"id": pair.id, "prompt_text": text,
-            "prompt_messages": json.dumps(prompt_messages(pair.prompt, cfg), ensure_ascii=False),
+    return {"id": pair.id, **prompt_columns(pair.prompt, cfg),
             "prompt_ids": prompt_ids, "chosen_ids": responses[0],
             "rejected_ids": responses[1], "chosen_score": pair.chosen_score,
             "rejected_score": pair.rejected_score, "truncated": truncated}

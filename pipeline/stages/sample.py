@@ -6,7 +6,6 @@ previous round's exported checkpoint in place, no engine restart.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, A
     if cfg.rounds.prompts:
         from transformers import AutoTokenizer
 
-        from pipeline.data import prompt_messages, render_prompt
+        from pipeline.data import prompt_columns, render_prompt
         from pipeline.stages.prepare import file_rows
 
         tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
@@ -38,11 +37,8 @@ def prompt_pool(cfg: RunConfig, prepared_train: Path | None) -> list[dict[str, A
                 if prompt is None:
                     raise ValueError(f"{path}: row {i}: no 'prompt' (or 'messages') value")
                 ids = tok(render_prompt(prompt, tok, render_cfg), add_special_tokens=False)["input_ids"]
-                text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
                 pool.append({"prompt_id": str(row.get("id") or f"{Path(path).name}:{i}"),
-                             "prompt_text": text,
-                             "prompt_messages": json.dumps(prompt_messages(prompt, render_cfg),
-                                                           ensure_ascii=False),
+                             **prompt_columns(prompt, render_cfg),
                              "prompt_ids": ids[-cfg.data.max_prompt_tokens:]})
         return pool
     if prepared_train is None:

@@ -38,3 +38,26 @@ def test_the_pool_carries_each_prompts_conversation_for_a_reward_model(tmp_path)
                         "data": {"train": [str(path)]}})
     assert [p["prompt_messages"] for p in prompt_pool(cfg, path)] == [r["prompt_messages"]
                                                                      for r in rows]
+
+
+def test_prompts_from_rounds_prompts_carry_their_text_and_conversation(tmp_path, toy_world):
+    import json
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Name two metals."}]
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "prompt": "List three fruits."}]), path)
+    chat_path = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "b", "messages": chat}]), chat_path)
+    cfg = parse_config({"run_dir": str(tmp_path / "run"), "model": {"policy": str(toy_world.model_dir)},
+                        "data": {"train": [str(toy_world.train_path)], "system_prompt": "Be brief."},
+                        "rounds": {"count": 2, "mode": "online",
+                                   "prompts": [str(path), str(chat_path)]},
+                        "reward": {"kind": "function",
+                                   "function": "pipeline.toy.reward:toy_gold_rewards"}})
+    pool = prompt_pool(cfg, None)
+    assert [p["prompt_text"] for p in pool] == ["List three fruits.", "Name two metals."]
+    assert [json.loads(p["prompt_messages"]) for p in pool] == [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "List three fruits."}],
+        [{"role": "system", "content": "Be brief."}, *chat]]
+    assert all(p["prompt_ids"] for p in pool)
