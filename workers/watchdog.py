@@ -208,6 +208,11 @@ class Watchdog:
                     if self.board is not None:
                         ray.get(self.board.report_stall.remote(self.who, self.step, self.phase,
                                                                idle, stack), timeout=30)
+                        # Peers stuck with it (the rank that stopped, or one waiting on it in a
+                        # collective) pass their timeouts within a beat of this one: once this
+                        # process ends, Ray Train ends them, so they get two beats to report
+                        # where they are first, or the report would name only the first to fire.
+                        time.sleep(2 * self.beat_s)
                 finally:
                     os._exit(STALL_EXIT_CODE)
 
