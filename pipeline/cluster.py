@@ -99,17 +99,29 @@ def local_cluster(num_cpus: int, env: dict[str, str] | None = None, temp_dir: st
         ray.shutdown()
 
 
+LIMITS_REFRESH_S = 0.05  # how often a Ray Data execution looks again at its resource limits
+
+
 def configure_ray_data() -> None:
     """This process's Ray Data settings (a Dataset is planned in the process that builds it,
     so the driver's context is the one that counts). Parquet is read through the V1
     datasource: Ray 2.60's default V2 starts a pool of footer-reader actors, a new process
     each, for every `read_parquet`, 3-8 s on a small file against 0.1-0.4 s for V1, which
     was most of a small online round (bench/RESULTS.md, "Rounds at the speed of their
-    compute")."""
+    compute"), and resource limits are looked at again every LIMITS_REFRESH_S."""
     import ray.data
+    from ray.data._internal.execution.resource_manager import ResourceManager
 
     ray.data.DataContext.get_current().use_datasource_v2 = (
         os.environ.get("RAY_DATA_USE_DATASOURCE_V2", WORKER_ENV_DEFAULTS["RAY_DATA_USE_DATASOURCE_V2"]) != "0")
+    # Ray 2.60: an execution asks the autoscaling coordinator for its resources without
+    # waiting, so its first look sees none, and it keeps that answer for
+    # GLOBAL_LIMITS_UPDATE_INTERVAL_S (1 s): every dataset whose operators are not fused into
+    # one task (an engine or scorer map with a batch_size and no CPU of its own) then waits
+    # ~1 s before its first task, ~2 s of a small online round. Looking again every 50 ms
+    # keeps the wait under 0.1 s (bench/RESULTS.md, "Rounds at the speed of their compute").
+    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, LIMITS_REFRESH_S)
 
 
 def local_system_config(num_cpus: float | None) -> dict[str, Any]:

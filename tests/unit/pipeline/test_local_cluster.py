@@ -34,6 +34,17 @@ def test_parquet_is_read_through_ray_datas_v1_datasource(monkeypatch):
     assert ctx.use_datasource_v2 is True
 
 
+def test_a_ray_data_execution_looks_again_at_its_resource_limits_within_50_ms():
+    """Ray 2.60 keeps an execution's first answer, no resources, for a second; an upgrade
+    that renames the setting must fail here rather than bring the wait back unseen."""
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    from pipeline.cluster import LIMITS_REFRESH_S
+
+    configure_ray_data()
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == LIMITS_REFRESH_S <= 0.05
+
+
 def test_a_taken_dashboard_port_is_a_config_error_naming_the_ways_out():
     import socket
 
