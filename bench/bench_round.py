@@ -81,6 +81,14 @@ def code_root(rev: str) -> tuple[str, Path]:
     return rev, out
 
 
+def design_config(config: Path, root: Path) -> Path:
+    """A config of this checkout as the design's own commit has it (the config names code,
+    such as the toy world's reward functions, that moved between commits); a config from
+    outside the checkout is run as it is by both."""
+    config = config.resolve()
+    return root / config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+
+
 def run_design(name: str, root: Path, config: Path, rounds: int, prompts: int,
                engine_in_udf: bool = False) -> dict[str, Any]:
     run_dir = CACHE / "round" / time.strftime(f"{name}-%Y%m%d-%H%M%S")
@@ -200,14 +208,14 @@ def main() -> None:
     emit(line("machine", machine()),
          line("run", f"{args.config.name}, {args.rounds} online rounds of"
                      f" {args.prompts_per_round} prompts"))
-    config = args.config.resolve()
     rev, root = code_root("HEAD")
     emit(line("ours", f"commit {rev} (HEAD; uncommitted changes are not run)"))
-    ours = analyse(run_design("ours", root, config, args.rounds, args.prompts_per_round))
+    ours = analyse(run_design("ours", root, design_config(args.config, root), args.rounds,
+                              args.prompts_per_round))
     report(ours)
     if args.baseline != "none":
         rev, root = code_root(args.baseline)
-        base = analyse(run_design(f"baseline-{rev}", root, config,
+        base = analyse(run_design(f"baseline-{rev}", root, design_config(args.config, root),
                                   args.rounds, args.prompts_per_round, engine_in_udf=True))
         report(base)
         emit(ratio_line(f"whole-run wall, baseline {args.baseline} / ours", base["wall"],
