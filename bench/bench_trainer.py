@@ -115,8 +115,9 @@ def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespac
                 wall = time.time() - t0
             recorded = ray.get(recorder.get.remote())
             rows = sorted((r for r in recorded if r[1] == "train"), key=lambda r: r[2]["step"])
-            stages = {r[2]["zero_stage"] for r in recorded
-                      if r[1] == "lifecycle" and r[2].get("event") == "trainer_start"}
+            starts = [r[2] for r in recorded
+                      if r[1] == "lifecycle" and r[2].get("event") == "trainer_start"]
+            stages = {r["zero_stage"] for r in starts}
     finally:
         shutil.rmtree(out, ignore_errors=True)
     times = [r[0] for r in rows]
@@ -127,6 +128,7 @@ def run_ours(model_path: Path, data: Path, workers: int, args: argparse.Namespac
             "first_step_s": times[0] - t0 if times else float("nan"), "wall_s": wall,
             "ray_start_s": ray_start, "peak_mib": sorted(watch.peak.values(), reverse=True),
             "pairs_per_step": per_step, "layout": layout(cfg.train, stages),
+            "threads": starts[0]["torch_threads"] if starts else None,
             "losses": [r[2]["loss"] for r in rows]}
 
 
@@ -181,9 +183,10 @@ def run_trl(model_path: Path, pairs: list[dict[str, Any]], args: argparse.Namesp
 
 def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None:
     """Where a training step's time goes, without Ray: the same step
-    (`workers.train_step.pair_loss` + backward + AdamW) bare, and under a one-process
-    DeepSpeed ZeRO-3 engine built as `workers.recipe` builds it; then the top functions
-    of the ZeRO-3 arm by own time (cProfile)."""
+    (`workers.train_step.pair_loss` + backward + AdamW) bare, padded and in the default
+    layout (packed rows, shared prompt), then under a one-process DeepSpeed engine built as
+    `workers.recipe` builds it, at ZeRO-0 and ZeRO-3; then the top functions of the last
+    DeepSpeed arm by own time (cProfile)."""
     import cProfile
     import os
 
@@ -193,24 +196,26 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
     import torch.distributed as dist
 
     from workers.logprobs import ResponseLogps
+    from workers.packing import attention_mode
     from workers.recipe.options import TrainLoopConfig, deepspeed_config
-    from workers.recipe.recipe import _load_policy
+    from workers.recipe.recipe import _load_policy, step_engine
     from workers.train_step import pair_loss, rows_to_pairs
 
     rows = pq.read_table(data).to_pydict()
     mb, accum, steps = args.micro_batch, args.grad_accum, args.steps
 
-    def batches():
+    def batches(packing: Any):
         for i in range(steps * accum):
             s = (i * mb) % (len(rows["id"]) - mb)
-            yield rows_to_pairs({k: v[s:s + mb] for k, v in rows.items()}, 0)
+            yield rows_to_pairs({k: v[s:s + mb] for k, v in rows.items()}, 0, packing,
+                                share_prompt=packing is not None)
 
-    def bare() -> float:
+    def bare(packed: bool) -> float:
         model = load_hf(model_path).train()
         module = ResponseLogps(model)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS)
         times = []
-        for i, pairs in enumerate(batches()):
+        for i, pairs in enumerate(batches(attention_mode(model) if packed else None)):
             loss, _ = pair_loss(module, pairs, "sigmoid", {"beta": BETA})
             (loss / accum).backward()
             if (i + 1) % accum == 0:
@@ -220,13 +225,10 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
                 times.append(time.time())
         return steady_rate(times, mb * accum)
 
-    def zero3(profiler: cProfile.Profile) -> float:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    def under_deepspeed(stage: int, profiler: cProfile.Profile | None = None) -> float:
         cfg = TrainLoopConfig(
             tokenizer_path=str(model_path), loss_name="sigmoid",
-            loss_params={"beta": BETA}, zero_stage=3, micro_batch_size=mb,
+            loss_params={"beta": BETA}, zero_stage=stage, micro_batch_size=mb,
             grad_accum_steps=accum, epochs=1, learning_rate=LR,
             lr_schedule="constant", grad_clip=CLIP, weight_decay=0.0,
             adam_betas=BETAS, seed=0, bf16=False, gradient_checkpointing=False)
@@ -236,21 +238,30 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
         engine, *_ = deepspeed.initialize(model=ResponseLogps(model), optimizer=opt,
                                           config=ds_config, dist_init_required=False)
         times = []
-        for i, pairs in enumerate(batches()):
-            if i == accum:
+        for i, pairs in enumerate(batches(attention_mode(model))):
+            if i == accum and profiler is not None:
                 profiler.enable()  # after the warm-up step
             loss, _ = pair_loss(engine, pairs, "sigmoid", {"beta": BETA})
             engine.backward(loss)
-            engine.step()
+            step_engine(engine)
             if (i + 1) % accum == 0:
                 times.append(time.time())
-        profiler.disable()
-        dist.destroy_process_group()
+        if profiler is not None:
+            profiler.disable()
         return steady_rate(times, mb * accum)
 
+    # one process group for both DeepSpeed arms (DeepSpeed keeps the groups it was given)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
     prof = cProfile.Profile()
-    emit(line("profile: bare train step (no DeepSpeed, no Ray) pairs/s", bare()),
-         line("profile: same step under DeepSpeed ZeRO-3, 1 process, no Ray pairs/s", zero3(prof)))
+    emit(line("profile: bare train step, padded (no DeepSpeed, no Ray) pairs/s", bare(False)),
+         line("profile: bare train step, packed shared-prompt pairs/s", bare(True)),
+         line("profile: packed shared-prompt under DeepSpeed ZeRO-0, 1 process pairs/s",
+              under_deepspeed(0)),
+         line("profile: packed shared-prompt under DeepSpeed ZeRO-3, 1 process pairs/s",
+              under_deepspeed(3, prof)))
+    dist.destroy_process_group()
     print_profile(prof, args.profile_top, "profile (ZeRO-3 arm)", key=args.profile_key)
 
 
@@ -272,7 +283,7 @@ def main() -> None:
                     help="set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray default 2 s): how often"
                          " Ray Train's controller takes reports, which paces report() calls")
     ap.add_argument("--profile", action="store_true",
-                    help="only profile one training step without Ray (bare vs ZeRO-3)")
+                    help="only profile one training step without Ray (bare, ZeRO-0, ZeRO-3)")
     ap.add_argument("--profile-top", type=int, default=15)
     ap.add_argument("--profile-key", choices=["tottime", "cumtime"], default="tottime")
     args = ap.parse_args()
@@ -309,6 +320,7 @@ def main() -> None:
                   r["reported_pairs_per_s"]),
              line(f"ours {w}w peak RSS per worker process",
                   " / ".join(f"{m:.0f}" for m in r["peak_mib"]), "MiB"),
+             line(f"ours {w}w torch threads per worker", r["threads"]),
              line(f"ours {w}w Ray start", r["ray_start_s"], "s"),
              line(f"ours {w}w run_train start to end of first step", r["first_step_s"], "s"),
              line(f"ours {w}w run_train wall (incl. export)", r["wall_s"], "s"))

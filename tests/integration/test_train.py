@@ -153,7 +153,7 @@ def test_two_rounds_on_one_fit_match_a_fit_per_round(pairs_dir, make_config, tmp
     starts = read_rows(path, "lifecycle")
     print(f"trainer starts: {starts}")
     assert [(r["event"], r["workers"], r["attempt"]) for r in starts] == [("trainer_start", 2, 1)]
-    assert starts[0]["seconds"] > 0
+    assert starts[0]["seconds"] > 0 and starts[0]["torch_threads"] >= 1
     one_fit = [(r["round"], r["step"], r["loss"], r["lr"]) for r in read_rows(path)]
     per_round, policy = [], None
     for k in range(2):

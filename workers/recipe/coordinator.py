@@ -51,9 +51,10 @@ class RoundCoordinator:
     def stop(self) -> None:
         self.stopped = True
 
-    def started(self, workers: int, setup_s: float, zero_stage: int) -> int:
+    def started(self, workers: int, setup_s: float, zero_stage: int, threads: int) -> int:
         """Rank 0 of a worker group is ready to train (model loaded, DeepSpeed built, at ZeRO
-        stage `zero_stage`): record the start as a `lifecycle` row. The first start counts
+        stage `zero_stage`, torch using `threads` CPU threads): record the start as a
+        `lifecycle` row. The first start counts
         from the fit's launch (the group's placement, processes and process group too); a
         restart from its workers' entry into the training function."""
         self.attempts += 1
@@ -61,6 +62,7 @@ class RoundCoordinator:
         if self.sink is not None:
             self.sink.log.remote("lifecycle", {"event": "trainer_start", "workers": workers,
                                                "zero_stage": zero_stage,
+                                               "torch_threads": threads,
                                                "seconds": round(seconds, 3),
                                                "attempt": self.attempts})
         return self.attempts

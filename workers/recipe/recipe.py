@@ -450,7 +450,7 @@ def _train_rounds(cfg: TrainLoopConfig, handles: dict[str, Any], watchdog: Watch
             recipe.setup(job.policy_path)
             if recipe.rank == 0:
                 coordinator.started.remote(recipe.world, time.time() - entered,
-                                           recipe.cfg.zero_stage)
+                                           recipe.cfg.zero_stage, torch.get_num_threads())
         resume = ckpt if checkpoint.resumes(ckpt, job.round_index, job.key) else None
         result = recipe.train_round(job, recipe.begin_round(job, resume))
         ckpt, after = None, job.round_index
