@@ -115,6 +115,9 @@ def round_job(cfg: RunConfig, round_index: int, key: str, policy_path: str, step
                     out_dir=str(Path(out_dir).resolve()), dataset=dataset)
 
 
+RESULT_WAIT_S = 1.0  # how long the driver's ask for a round's result waits (see train)
+
+
 class TrainerSession:
     """The run's one Ray Train fit: a worker group that loads the model and builds DeepSpeed
     once and trains every round handed to it (workers.recipe).
@@ -195,11 +198,11 @@ class TrainerSession:
             self._start()
         ray.get(self.board.set_round.remote(job.round_index), timeout=60)
         ray.get(self.coordinator.submit.remote(job.to_dict()), timeout=60)
-        while (result := ray.get(self.coordinator.result.remote(job.round_index),
-                                 timeout=60)) is None:
+        # each ask waits up to RESULT_WAIT_S for the result, then the fit's thread is checked
+        while (result := ray.get(self.coordinator.result.remote(job.round_index, RESULT_WAIT_S),
+                                 timeout=RESULT_WAIT_S + 60)) is None:
             if not self.thread.is_alive():
                 self._raise_ended(job.round_index)
-            self.thread.join(0.2)
         summary = ray.get(self.board.summary.remote(), timeout=60)
         return result, [s for s in summary["stalls"] if s["round"] == job.round_index]
 

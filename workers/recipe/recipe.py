@@ -49,7 +49,7 @@ from workers.train_step import pair_loss, rows_to_pairs
 from workers.watchdog import Watchdog, inject_stall, is_permanent
 
 SETUP_TIMEOUT_FACTOR = 3  # setup phases may take this many stall timeouts (workers.watchdog)
-POLL_S = 0.05  # how often an idle worker asks for the next round
+WAIT_S = 10.0  # how long an idle worker's ask for the next round waits for one (then asks again)
 
 
 def _hidden_size(cfg: TrainLoopConfig, policy_path: str) -> int | None:
@@ -399,12 +399,11 @@ def next_job(coordinator: Any, after: int, watchdog: Watchdog | None) -> RoundJo
     if watchdog is not None:
         watchdog.idle()
     while True:
-        job = ray.get(coordinator.next_job.remote(after), timeout=60)
+        job = ray.get(coordinator.next_job.remote(after, WAIT_S), timeout=WAIT_S + 60)
         if job == STOP:
             return None
         if job is not None:
             return RoundJob(**job)
-        time.sleep(POLL_S)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
