@@ -166,6 +166,12 @@ def _reference_inputs(r: Round) -> dict[str, Any]:
     return {"cache_keys": keys, "kl_pairs": kl_pairs}
 
 
+def reference_cache(r: Round) -> Path:
+    """Where what the reference computes once is kept: its log-probs of the pairs, and its
+    samples of the eval prompts (eval-samples/)."""
+    return Path(r.cfg.reference.cache_dir or r.run_dir / "cache" / "reference")
+
+
 def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     from pipeline.stages.reference import run_reference
 
@@ -174,7 +180,7 @@ def _reference(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
         splits["train"] = r.stage_path(r.train_source(), "train")
     if r.has("prepare", "eval"):
         splits["eval"] = r.stage_path("prepare", "eval")
-    cache_root = Path(r.cfg.reference.cache_dir or r.run_dir / "cache" / "reference")
+    cache_root = reference_cache(r)
     result = run_reference(splits, inputs["cache_keys"], cache_root,
                            lambda: r.engines.client("reference", r.reference_path),
                            r.cfg.reference, kl_pairs=inputs["kl_pairs"])
@@ -245,7 +251,8 @@ def _evaluate(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     # Compare with the initial model every round, so KL and win rate add up across rounds.
     metrics = run_evaluate(r.stage_path("reference", "eval"), str(r.stage_path("train", "model_dir")),
                            r.cfg.model.reference_path, r.cfg, out, r.engines,
-                           r.done["train"].outputs.get("final_metrics", {}).get("running_mean"))
+                           r.done["train"].outputs.get("final_metrics", {}).get("running_mean"),
+                           cache=reference_cache(r) / "eval-samples")
     metrics["round"] = r.index
     if r.sink is not None:
         r.sink.log.remote("eval", metrics)

@@ -15,6 +15,7 @@ so the summary can test a change against the previous round paired over the same
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,26 @@ def through_engines(rows: list[dict[str, Any]], udf: Any, pool: PoolConfig
     ds = ray.data.from_arrow(table).map_batches(udf, batch_format="pyarrow", **map_args(pool))
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("_row")
     return out.drop_columns(["_row"]).to_pylist()
+
+
+def reference_samples(prompt_rows: list[dict[str, Any]], client: Any, sampling: dict[str, Any],
+                      pool: PoolConfig, cache: Path | None, key: str) -> list[dict[str, Any]]:
+    """The reference's samples of the eval prompts. They are the same every round and in
+    every run of the same reference, prompts and seeded sampling settings (`key` covers
+    them), so they are computed once and kept in `cache`/KEY.parquet (written whole, then
+    renamed: runs sharing the cache may both compute a key, never read half of one)."""
+    from workers.vllm_pool import Sampler
+
+    path = cache / f"{key}.parquet" if cache is not None else None
+    if path is not None and path.is_file():
+        return pq.read_table(path).to_pylist()
+    rows = through_engines(prompt_rows, Sampler(client, sampling), pool)
+    if path is not None and rows:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        tmp.replace(path)
+    return rows
 
 
 def eval_pair_logps(pairs: list[dict[str, Any]], pol_c: list[list[float]],
@@ -131,11 +152,15 @@ def prompt_metrics(kl: np.ndarray, gold_policy: np.ndarray | None = None,
 
 
 def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: RunConfig,
-                 out_dir: Path, engines: Any, running_mean: float | None = None) -> dict[str, float]:
+                 out_dir: Path, engines: Any, running_mean: float | None = None,
+                 cache: Path | None = None) -> dict[str, float]:
     """The policy at `policy_path` against the reference at `reference_path`, on the run's
     `engines` (pipeline.engines.Engines: the policy pool loads the policy in place, the
     reference pool the reference). `running_mean`: the train stage's final running mean
-    (losses that need running stats)."""
+    (losses that need running stats). `cache`: where the reference's samples of the eval
+    prompts are kept (see reference_samples; None: sampled every time)."""
+    from pipeline.engines import pool_config
+    from pipeline.manifest import model_digest, stable_hash
     from workers.vllm_pool import Sampler, TokenLogprobs
 
     # in id order: the files Ray Data wrote hold the pairs in no fixed order, and the
@@ -169,7 +194,12 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
               if "token_stats" in needs else None)
     pol_samples = through_engines(prompt_rows, Sampler(policy, sampling), cfg.sampling)
     reference = engines.client("reference", reference_path)
-    ref_samples = through_engines(prompt_rows, Sampler(reference, sampling), cfg.reference)
+    ref_key = stable_hash({"reference": model_digest(reference_path), "sampling": sampling,
+                           "prompts": [r["prompt_ids"] for r in prompt_rows],
+                           "engine": pool_config(cfg, "reference").engine.model_dump(
+                               exclude={"call_timeout_s"})})
+    ref_samples = reference_samples(prompt_rows, reference, sampling, cfg.reference, cache,
+                                    ref_key)
     ref_of_pol = through_engines([{"prompt_ids": x["prompt_ids"], "response_ids": x["response_ids"]}
                                   for x in pol_samples], TokenLogprobs(reference, ["response_ids"]),
                                  cfg.reference)

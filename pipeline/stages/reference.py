@@ -57,7 +57,9 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
         for name, path in splits.items()]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     ds = ds.map_batches(PairLogprobs(client, "ref", kl_pairs), batch_format="pyarrow",
-                        **map_args(pool)).materialize()
+                        **map_args(pool))
+    if len(splits) > 1:  # computed once, then each split filtered out of it
+        ds = ds.materialize()
     rows = {}
     for name in splits:
         part = ds if len(splits) == 1 else ds.filter(expr=f"split == {name!r}")

@@ -121,6 +121,13 @@ def test_metrics_across_rounds(two_rounds):
     assert all("eval/gold_policy" in r and "eval/kl" in r for r in evals)
     assert {r["round"] for r in rows if r["kind"] == "train"} == {0, 1}
     assert (run_dir / "plots" / "eval.png").is_file()
+    # the reference's samples of the eval prompts are sampled once (here, or by an earlier
+    # run on the same reference, prompts and settings) and read back every round after
+    cfg = two_rounds[0]
+    assert list((Path(cfg.reference.cache_dir) / "eval-samples").glob("*.parquet"))
+    first, second = (pq.read_table(run_dir / f"round-{k}" / "evaluate" / "samples.parquet")
+                     .column("reference_response").to_pylist() for k in (0, 1))
+    assert first == second and len(first) == 8
 
 
 def test_killed_driver_resumes_from_the_last_finished_stage(two_rounds):
