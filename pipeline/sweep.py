@@ -504,4 +504,18 @@ def _launch(run: SweepRun, config: str, address: str) -> subprocess.Popen:
     its console output goes to <run_dir>/console.log."""
     run.dir.mkdir(parents=True, exist_ok=True)
     with (run.dir / "console.log").open("a") as log:  # the child holds its own copy
-        return subprocess.Popen(run.argv(config, address), stdout=log, stderr=subprocess.STDOUT)
+        return interruptible(run.argv(config, address), stdout=log, stderr=subprocess.STDOUT)
+
+
+def interruptible(argv: list[str], **popen: Any) -> subprocess.Popen:
+    """A child process that SIGINT interrupts (what `_stop` sends), whatever this process
+    does with SIGINT: a sweep started in the background (`nohup rayalign sweep ... &`)
+    ignores it, and an ignored signal stays ignored in its children, so its runs could only
+    be killed."""
+    # preexec_fn runs between fork and exec; this one only resets a signal's disposition (a
+    # system call, no lock another thread could hold), which is what makes it safe here
+    return subprocess.Popen(argv, preexec_fn=_default_sigint, **popen)  # noqa: PLW1509
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python then installs its own handler

@@ -345,6 +345,7 @@ def test_a_big_run_does_not_hold_up_smaller_ones_behind_it(config, tmp_path):
 
 def test_an_interrupted_sweep_stops_its_runs_and_kills_one_that_will_not(monkeypatch, config,
                                                                         tmp_path):
+    import signal
     import subprocess
     import sys
 
@@ -353,11 +354,16 @@ def test_an_interrupted_sweep_stops_its_runs_and_kills_one_that_will_not(monkeyp
     monkeypatch.setattr(sweep, "STOP_WAIT_S", 5.0)
     _, _, runs = expand(config, ["loss.name=sigmoid,ipo"], tmp_path / "sw")
     ready = "print('ready', flush=True); time.sleep(60)"
-    polite = subprocess.Popen([sys.executable, "-c", f"import time; {ready}"],
-                              stdout=subprocess.PIPE, text=True)
-    ignore = f"import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); {ready}"
-    stubborn = subprocess.Popen([sys.executable, "-c", ignore],
-                                stdout=subprocess.PIPE, text=True)
+    # the sweep ignores SIGINT, as one started in the background does: its runs must not
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        polite = sweep.interruptible([sys.executable, "-c", f"import time; {ready}"],
+                                     stdout=subprocess.PIPE, text=True)
+        ignore = f"import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); {ready}"
+        stubborn = sweep.interruptible([sys.executable, "-c", ignore],
+                                       stdout=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     # each has its SIGINT handling in place (a loaded machine can take seconds to get there)
     assert polite.stdout.readline() == "ready\n" and stubborn.stdout.readline() == "ready\n"
     sweep._stop({"a": (runs[0], polite, 0.0), "b": (runs[1], stubborn, 0.0)})
