@@ -119,7 +119,7 @@ def configure_ray_data() -> None:
     # GLOBAL_LIMITS_UPDATE_INTERVAL_S (1 s): every dataset whose operators are not fused into
     # one task (an engine or scorer map with a batch_size and no CPU of its own) then waits
     # ~1 s before its first task, ~2 s of a small online round. Looking again every 50 ms
-    # keeps the wait under 0.1 s (bench/RESULTS.md, "Rounds at the speed of their compute").
+    # keeps the wait under 0.1 s (bench/RESULTS.md, "Small rounds, again").
     ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(
         ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, LIMITS_REFRESH_S)
 
