@@ -165,4 +165,7 @@ def map_args(pool: ActorPoolConfig) -> dict[str, Any]:
     """map_batches arguments of the UDF tasks feeding a pool's actors (engines, scorers): as
     many at once as actors, no resources of their own (the actors hold them; a UDF only
     waits on its actor)."""
-    return {"concurrency": pool.num_actors, "num_cpus": 0, "batch_size": pool.batch_size}
+    from ray.data import TaskPoolStrategy
+
+    return {"compute": TaskPoolStrategy(size=pool.num_actors), "num_cpus": 0,
+            "batch_size": pool.batch_size}

@@ -16,7 +16,9 @@ from pipeline.config import ActorPoolConfig, RunConfig
 def pool_map_args(pool: ActorPoolConfig) -> dict[str, Any]:
     """map_batches arguments of reward-function tasks: reward.num_actors at once, each
     asking for what reward.*_per_actor and reward.resources say."""
-    args = {"concurrency": pool.num_actors, "num_cpus": pool.cpus_per_actor,
+    from ray.data import TaskPoolStrategy
+
+    args = {"compute": TaskPoolStrategy(size=pool.num_actors), "num_cpus": pool.cpus_per_actor,
             "num_gpus": pool.gpus_per_actor or None, "batch_size": pool.batch_size}
     if pool.resources:  # custom resources pin the tasks to node types
         args["resources"] = dict(pool.resources)

@@ -118,8 +118,11 @@ def test_reward_pool_reaches_the_plan_and_the_score_stage():
     assert "reward function tasks" in format_plan(stage_plans(cfg), two_nodes(gpus=2))
     [problem] = check_plan([score], two_nodes(gpus=2))  # no node has gpu_node
     assert problem.startswith("stage 'score' needs 6 CPU / 1.5 GPU + gpu_node 3")
-    assert pool_map_args(cfg.reward) == {"concurrency": 3, "num_cpus": 2, "num_gpus": 0.5,
-                                         "batch_size": 7, "resources": {"gpu_node": 1}}
+    from ray.data import TaskPoolStrategy
+
+    assert pool_map_args(cfg.reward) == {"compute": TaskPoolStrategy(size=3), "num_cpus": 2,
+                                         "num_gpus": 0.5, "batch_size": 7,
+                                         "resources": {"gpu_node": 1}}
 
 
 def test_engines_and_trainers_hold_their_share_for_the_run():
