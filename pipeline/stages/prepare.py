@@ -350,12 +350,12 @@ def run_prepare(paths: list[str], tokenizer_path: str, data_cfg: PrepareConfig, 
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 256)))
+    actors = ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(units))))
     ds = ds.map_batches(
         PrepareUnit, fn_constructor_args=(
             tokenizer_path, data_cfg.model_dump(include=set(PrepareConfig.model_fields)),
             trust_remote_code, requires_scores, str(parts_dir.resolve()), min_score_margin),
-        batch_size=1, concurrency=max(1, min(concurrency, len(units))), num_cpus=0.5,
-        batch_format="numpy")
+        batch_size=1, compute=actors, num_cpus=0.5, batch_format="numpy")
     summary = pa.concat_tables([SUMMARY_SCHEMA.empty_table(), *ray.get(ds.to_arrow_refs())])
     quarantine = pa.Table.from_pylist(
         [q for qs in summary.column("quarantine").to_pylist() for q in qs], QUARANTINE_SCHEMA)
