@@ -36,6 +36,7 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
     (and the mismatched completions' with `kl_pairs`), computed by the engines of `client`
     (a workers.vllm_pool.EngineClient serving the reference weights)."""
     import ray
+    from ray.data.expressions import col
 
     from pipeline.engines import map_args
     from workers.vllm_pool import PairLogprobs
@@ -62,7 +63,7 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
         ds = ds.materialize()
     rows = {}
     for name in splits:
-        part = ds if len(splits) == 1 else ds.filter(expr=f"split == {name!r}")
+        part = ds if len(splits) == 1 else ds.filter(expr=col("split") == name)
         part.drop_columns(["split", *(f for f in fields if f not in schemas[name].names)]) \
             .write_parquet(str(out_dir / name))
         rows[name] = sum(pq.ParquetFile(f).metadata.num_rows
