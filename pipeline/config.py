@@ -277,6 +277,10 @@ class TrainConfig(_Section):
 class EngineConfig(_Section):
     """vLLM engine arguments we set; anything else goes into ``extra`` verbatim."""
 
+    # settings that change when a stuck call is given up, never what the engine computes:
+    # the keys of the stages (and caches) that engines compute leave them out
+    SCHEDULING_ONLY: ClassVar[frozenset[str]] = frozenset({"call_timeout_s"})
+
     dtype: Dtype = "auto"
     max_model_len: int | None = Field(None, gt=0)
     enforce_eager: bool = True

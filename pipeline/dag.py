@@ -24,6 +24,7 @@ from rich.table import Table
 
 from pipeline.config import (
     ConfigError,
+    EngineConfig,
     RunConfig,
     TrainConfig,
     load_config,
@@ -108,8 +109,8 @@ class Stage:
 
 # --- stage definitions -------------------------------------------------------------------
 
-# engine settings that change when a stuck call is given up, never what the engine computes
-SCHEDULING_ONLY_ENGINE = {"engine": {"call_timeout_s"}}
+# a pool config's fields that never change what its engines compute (EngineConfig's)
+SCHEDULING_ONLY_ENGINE = {"engine": set(EngineConfig.SCHEDULING_ONLY)}
 
 
 def _prepare_inputs(r: Round) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def _evaluate_inputs(r: Round) -> dict[str, Any]:
             "eval": cfg.eval.model_dump(),
             "sampling": cfg.sampling.model_dump(exclude=SCHEDULING_ONLY_ENGINE),
             "reference_engine": pool_config(cfg, "reference").engine.model_dump(
-                exclude=SCHEDULING_ONLY_ENGINE["engine"]),
+                exclude=set(EngineConfig.SCHEDULING_ONLY)),
             "reward": cfg.reward.model_dump() if cfg.reward else None}
 
 

@@ -23,7 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import LossConfig, PoolConfig, RunConfig, loss_needs, validate_loss
+from pipeline.config import (
+    EngineConfig,
+    LossConfig,
+    PoolConfig,
+    RunConfig,
+    loss_needs,
+    validate_loss,
+)
 from pipeline.evalstats import mean_ci, pair_outcomes, paired_diff_ci, sequence_kl, wins
 from workers.rewards import load_reward_fn
 
@@ -197,7 +204,7 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     ref_key = stable_hash({"reference": model_digest(reference_path), "sampling": sampling,
                            "prompts": [r["prompt_ids"] for r in prompt_rows],
                            "engine": pool_config(cfg, "reference").engine.model_dump(
-                               exclude={"call_timeout_s"})})
+                               exclude=set(EngineConfig.SCHEDULING_ONLY))})
     ref_samples = reference_samples(prompt_rows, reference, sampling, cfg.reference, cache,
                                     ref_key)
     ref_of_pol = through_engines([{"prompt_ids": x["prompt_ids"], "response_ids": x["response_ids"]}

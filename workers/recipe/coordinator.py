@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 STOP = "stop"  # what next_job answers once the run's training is over
@@ -36,7 +37,7 @@ class RoundCoordinator:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _answer(self, answer: Any, wait_s: float) -> Any:
+    async def _answer(self, answer: Callable[[], Any], wait_s: float) -> Any:
         """answer() now, or once something changed, until it is not None or wait_s passed."""
         deadline = time.monotonic() + wait_s
         while (out := answer()) is None and (left := deadline - time.monotonic()) > 0:
