@@ -37,15 +37,18 @@ from workers.rewards import load_reward_fn
 
 def through_engines(rows: list[dict[str, Any]], udf: Any, pool: PoolConfig
                     ) -> list[dict[str, Any]]:
-    """`rows` through a Ray Data map of the engine UDF `udf`, back in their order."""
+    """`rows` through a Ray Data map of the engine UDF `udf` (a block per batch, so every
+    engine of the pool is fed), back in their order."""
     import ray
 
+    from pipeline.blocks import from_table
     from pipeline.engines import map_args
 
     if not rows:
         return []
     table = pa.Table.from_pylist([{**r, "_row": i} for i, r in enumerate(rows)])
-    ds = ray.data.from_arrow(table).map_batches(udf, batch_format="pyarrow", **map_args(pool))
+    ds = from_table(table, pool.batch_size).map_batches(udf, batch_format="pyarrow",
+                                                        **map_args(pool))
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("_row")
     return out.drop_columns(["_row"]).to_pylist()
 

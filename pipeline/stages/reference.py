@@ -35,9 +35,9 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
     """For each split's pairs.parquet write out_dir/<split>/ (parquet) with ref columns
     (and the mismatched completions' with `kl_pairs`), computed by the engines of `client`
     (a workers.vllm_pool.EngineClient serving the reference weights)."""
-    import ray
     from ray.data.expressions import col
 
+    from pipeline.blocks import parquet_rows, read_parquet
     from pipeline.engines import map_args
     from workers.vllm_pool import PairLogprobs
 
@@ -53,7 +53,7 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
                 batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
         return batch.select(list(fields)).append_column("split", pa.array([split] * len(batch)))
 
-    tagged = [ray.data.read_parquet(str(path)).map_batches(
+    tagged = [read_parquet(path, pool.batch_size).map_batches(
         conform, fn_kwargs={"split": name}, batch_format="pyarrow")
         for name, path in splits.items()]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
@@ -66,8 +66,7 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
         part = ds if len(splits) == 1 else ds.filter(expr=col("split") == name)
         part.drop_columns(["split", *(f for f in fields if f not in schemas[name].names)]) \
             .write_parquet(str(out_dir / name))
-        rows[name] = sum(pq.ParquetFile(f).metadata.num_rows
-                         for f in (out_dir / name).glob("*.parquet"))
+        rows[name] = parquet_rows(out_dir / name)
     return rows
 
 

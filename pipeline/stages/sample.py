@@ -68,8 +68,7 @@ def run_sample(prompts: list[dict[str, Any]], client: Any, cfg: RunConfig, seed:
                out_dir: Path) -> int:
     """n samples per prompt into out_dir/samples/ (parquet), from the engines of `client`
     (a workers.vllm_pool.EngineClient serving the policy)."""
-    import ray
-
+    from pipeline.blocks import from_table
     from pipeline.engines import map_args
     from workers.vllm_pool import Sampler
 
@@ -77,7 +76,7 @@ def run_sample(prompts: list[dict[str, Any]], client: Any, cfg: RunConfig, seed:
     sampling = {"n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                 "max_tokens": s.max_tokens, "seed": seed}
     table = pa.Table.from_pylist(prompts)
-    ds = ray.data.from_arrow(table).map_batches(
+    ds = from_table(table, s.batch_size).map_batches(  # a block per batch: every engine is fed
         Sampler(client, sampling), batch_format="pyarrow", **map_args(s))
     ds.write_parquet(str(out_dir / "samples"))
     return len(prompts) * s.n

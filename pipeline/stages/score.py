@@ -29,13 +29,16 @@ def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path, scorers: Any = N
               ) -> dict[str, Any]:
     """Score out_dir/scored/ (parquet) from the samples in `samples_dir`; `scorers`
     (pipeline.scorers.Scorers) serves a reward model or a judge."""
-    import ray
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
+    from pipeline.blocks import parquet_files, read_parquet
     from pipeline.engines import map_args
     from workers.rewards import FunctionScorer
 
     reward = cfg.reward
-    ds = ray.data.read_parquet(str(samples_dir))
+    ds = read_parquet(samples_dir, reward.batch_size)
     if reward.kind == "function":
         ds = ds.map_batches(FunctionScorer(reward.function), batch_format="pyarrow",
                             **pool_map_args(reward))
@@ -45,8 +48,12 @@ def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path, scorers: Any = N
         args = map_args(reward)
         args.pop("batch_size")
         ds = ds.groupby("prompt_id").map_groups(scorers.client(), batch_format="pyarrow", **args)
-    ds = ds.materialize()
-    ds.write_parquet(str(out_dir / "scored"))
-    scores = [r["score"] for r in ds.select_columns(["score"]).take_all()]
-    return {"samples": len(scores), "score_mean": sum(scores) / max(len(scores), 1),
-            "score_min": min(scores, default=0.0), "score_max": max(scores, default=0.0)}
+    out = out_dir / "scored"
+    ds.write_parquet(str(out))  # one execution; the summary reads the column it wrote
+    files = [str(f) for f in parquet_files(out)]
+    scores = pq.read_table(files, columns=["score"])["score"] if files else pa.array([], pa.float64())
+    if not len(scores):
+        return {"samples": 0, "score_mean": 0.0, "score_min": 0.0, "score_max": 0.0}
+    bounds = pc.min_max(scores)
+    return {"samples": len(scores), "score_mean": pc.mean(scores).as_py(),
+            "score_min": bounds["min"].as_py(), "score_max": bounds["max"].as_py()}

@@ -48,11 +48,11 @@ class NonFiniteStop(RuntimeError):
 
 def ordered_pairs(data_dir: Path, seed: int, shuffle: bool):
     """The training pairs in training order, materialised (every worker reads it whole)."""
-    import ray
+    from pipeline.blocks import read_parquet
 
-    ds = ray.data.read_parquet(str(data_dir))
-    # a known block count keeps the sort from fanning out to 200 partitions on small data
-    ds = ds.repartition(max(1, -(-ds.count() // ROWS_PER_SORT_BLOCK)))
+    # blocks of up to ROWS_PER_SORT_BLOCK rows: the sort makes a partition per block, so
+    # small data is sorted in one
+    ds = read_parquet(data_dir, ROWS_PER_SORT_BLOCK)
     ds = ds.add_column("order_key", lambda b: order_key(b, seed, shuffle), batch_format="pyarrow")
     return ds.sort("order_key").drop_columns(["order_key"]).materialize()
 
