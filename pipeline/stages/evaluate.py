@@ -35,10 +35,12 @@ from pipeline.evalstats import mean_ci, pair_outcomes, paired_diff_ci, sequence_
 from workers.rewards import load_reward_fn
 
 
-def through_engines(rows: list[dict[str, Any]], udf: Any, pool: PoolConfig
+def through_engines(rows: list[dict[str, Any]], *maps: tuple[Any, PoolConfig]
                     ) -> list[dict[str, Any]]:
-    """`rows` through a Ray Data map of the engine UDF `udf` (a block per batch, so every
-    engine of the pool is fed), back in their order."""
+    """`rows` through Ray Data maps of engine UDFs, each `(udf, its pool)`, in one streaming
+    execution (a batch goes on to the next pool's engines while the first pool serves the
+    next batch), back in their order. Blocks are sized to the first pool's batch, so every
+    engine of it is fed."""
     import ray
 
     from pipeline.blocks import from_table
@@ -47,8 +49,9 @@ def through_engines(rows: list[dict[str, Any]], udf: Any, pool: PoolConfig
     if not rows:
         return []
     table = pa.Table.from_pylist([{**r, "_row": i} for i, r in enumerate(rows)])
-    ds = from_table(table, pool.batch_size).map_batches(udf, batch_format="pyarrow",
-                                                        **map_args(pool))
+    ds = from_table(table, maps[0][1].batch_size)
+    for udf, pool in maps:
+        ds = ds.map_batches(udf, batch_format="pyarrow", **map_args(pool))
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("_row")
     return out.drop_columns(["_row"]).to_pylist()
 
@@ -64,7 +67,7 @@ def reference_samples(prompt_rows: list[dict[str, Any]], client: Any, sampling: 
     path = cache / f"{key}.parquet" if cache is not None else None
     if path is not None and path.is_file():
         return pq.read_table(path).to_pylist()
-    rows = through_engines(prompt_rows, Sampler(client, sampling), pool)
+    rows = through_engines(prompt_rows, (Sampler(client, sampling), pool))
     if path is not None and rows:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -191,28 +194,28 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
                 "seed": s.seed}
 
     policy = engines.client("policy", policy_path)
+    reference = engines.client("reference", reference_path)
     sides = ["chosen_ids", "rejected_ids"]
     kl_sides = ["kl_chosen_ids", "kl_rejected_ids"] if "kl_pairs" in needs else []
     scored = through_engines(
         [{c: p[c] for c in ["prompt_ids", *sides, *kl_sides]} for p in pairs],
-        TokenLogprobs(policy, sides + kl_sides, sides if "token_stats" in needs else ()),
-        cfg.sampling)
+        (TokenLogprobs(policy, sides + kl_sides, sides if "token_stats" in needs else ()),
+         cfg.sampling))
     pol_c = [r["chosen_ids_logps"] for r in scored]
     pol_r = [r["rejected_ids_logps"] for r in scored]
     pol_kl = tuple([r[f"{c}_logps"] for r in scored] for c in kl_sides) if kl_sides else None
     pol_sq = (tuple([r[f"{c}_collisions"] for r in scored] for c in sides)
               if "token_stats" in needs else None)
-    pol_samples = through_engines(prompt_rows, Sampler(policy, sampling), cfg.sampling)
-    reference = engines.client("reference", reference_path)
+    # the policy's samples of the eval prompts, each scored by the reference as it comes
+    pol_samples = through_engines([{"prompt_ids": r["prompt_ids"]} for r in prompt_rows],
+                                  (Sampler(policy, sampling), cfg.sampling),
+                                  (TokenLogprobs(reference, ["response_ids"]), cfg.reference))
     ref_key = stable_hash({"reference": model_digest(reference_path), "sampling": sampling,
                            "prompts": [r["prompt_ids"] for r in prompt_rows],
                            "engine": pool_config(cfg, "reference").engine.model_dump(
                                exclude=set(EngineConfig.SCHEDULING_ONLY))})
     ref_samples = reference_samples(prompt_rows, reference, sampling, cfg.reference, cache,
                                     ref_key)
-    ref_of_pol = through_engines([{"prompt_ids": x["prompt_ids"], "response_ids": x["response_ids"]}
-                                  for x in pol_samples], TokenLogprobs(reference, ["response_ids"]),
-                                 cfg.reference)
 
     logps = eval_pair_logps(pairs, pol_c, pol_r, needs, pol_kl, pol_sq, running_mean)
     metrics, per_pair = eval_pair_metrics(cfg.loss, logps)
@@ -224,7 +227,7 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
                    out_dir / "pairs.parquet")
     if prompt_rows:
         kl = sequence_kl([x["policy_logp"] for x in pol_samples],
-                         [sum(r["response_ids_logps"]) for r in ref_of_pol])
+                         [sum(x["response_ids_logps"]) for x in pol_samples])
         metrics["eval/len_policy"] = float(np.mean([len(x["response_ids"]) for x in pol_samples]))
         metrics["eval/len_reference"] = float(np.mean([len(x["response_ids"]) for x in ref_samples]))
         rows = {"prompt": p_text, "policy_response": [x["response"] for x in pol_samples],
