@@ -169,3 +169,12 @@ def map_args(pool: ActorPoolConfig) -> dict[str, Any]:
 
     return {"compute": TaskPoolStrategy(size=pool.num_actors), "num_cpus": 0,
             "batch_size": pool.batch_size}
+
+
+def fused_write_args(args: dict[str, Any]) -> dict[str, Any]:
+    """write_parquet arguments that put a write into the tasks of the map before it, whose
+    map_batches arguments are `args` (map_args, score.pool_map_args): the same resources and
+    as many at once. Else Ray Data runs the write as tasks of their own (a CPU each), one
+    more task per block."""
+    remote = {k: args[k] for k in ("num_cpus", "num_gpus", "resources") if args.get(k) is not None}
+    return {"ray_remote_args": remote, "concurrency": args["compute"].size}

@@ -38,7 +38,7 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
     from ray.data.expressions import col
 
     from pipeline.blocks import parquet_rows, read_parquet
-    from pipeline.engines import map_args
+    from pipeline.engines import fused_write_args, map_args
     from workers.vllm_pool import PairLogprobs
 
     # One pool over all splits, so the splits must share one schema: sampled pairs carry win
@@ -65,7 +65,8 @@ def compute_reference(splits: dict[str, Path], client: Any, pool: PoolConfig, ou
     for name in splits:
         part = ds if len(splits) == 1 else ds.filter(expr=col("split") == name)
         part.drop_columns(["split", *(f for f in fields if f not in schemas[name].names)]) \
-            .write_parquet(str(out_dir / name))
+            .write_parquet(str(out_dir / name),  # one split: the write in the engine tasks
+                           **(fused_write_args(map_args(pool)) if len(splits) == 1 else {}))
         rows[name] = parquet_rows(out_dir / name)
     return rows
 

@@ -69,7 +69,7 @@ def run_sample(prompts: list[dict[str, Any]], client: Any, cfg: RunConfig, seed:
     """n samples per prompt into out_dir/samples/ (parquet), from the engines of `client`
     (a workers.vllm_pool.EngineClient serving the policy)."""
     from pipeline.blocks import from_table
-    from pipeline.engines import map_args
+    from pipeline.engines import fused_write_args, map_args
     from workers.vllm_pool import Sampler
 
     s = cfg.sampling
@@ -78,5 +78,5 @@ def run_sample(prompts: list[dict[str, Any]], client: Any, cfg: RunConfig, seed:
     table = pa.Table.from_pylist(prompts)
     ds = from_table(table, s.batch_size).map_batches(  # a block per batch: every engine is fed
         Sampler(client, sampling), batch_format="pyarrow", **map_args(s))
-    ds.write_parquet(str(out_dir / "samples"))
+    ds.write_parquet(str(out_dir / "samples"), **fused_write_args(map_args(s)))
     return len(prompts) * s.n

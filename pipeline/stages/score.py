@@ -34,22 +34,24 @@ def run_score(samples_dir: Path, cfg: RunConfig, out_dir: Path, scorers: Any = N
     import pyarrow.parquet as pq
 
     from pipeline.blocks import parquet_files, read_parquet
-    from pipeline.engines import map_args
+    from pipeline.engines import fused_write_args, map_args
     from workers.rewards import FunctionScorer
 
     reward = cfg.reward
     ds = read_parquet(samples_dir, reward.batch_size)
     if reward.kind == "function":
-        ds = ds.map_batches(FunctionScorer(reward.function), batch_format="pyarrow",
-                            **pool_map_args(reward))
+        args = pool_map_args(reward)
+        ds = ds.map_batches(FunctionScorer(reward.function), batch_format="pyarrow", **args)
     elif reward.kind == "reward_model":  # the actors hold the resources; a UDF only waits
-        ds = ds.map_batches(scorers.client(), batch_format="pyarrow", **map_args(reward))
+        args = map_args(reward)
+        ds = ds.map_batches(scorers.client(), batch_format="pyarrow", **args)
     else:  # judge: all samples of a prompt go to one call, compared with the first
         args = map_args(reward)
         args.pop("batch_size")
         ds = ds.groupby("prompt_id").map_groups(scorers.client(), batch_format="pyarrow", **args)
     out = out_dir / "scored"
-    ds.write_parquet(str(out))  # one execution; the summary reads the column it wrote
+    # one execution, the write in the scoring tasks; the summary reads the column it wrote
+    ds.write_parquet(str(out), **fused_write_args(args))
     files = [str(f) for f in parquet_files(out)]
     scores = pq.read_table(files, columns=["score"])["score"] if files else pa.array([], pa.float64())
     if not len(scores):
