@@ -16,6 +16,7 @@ so the summary can test a change against the previous round paired over the same
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -197,19 +198,24 @@ def run_evaluate(eval_dir: Path, policy_path: str, reference_path: str, cfg: Run
     reference = engines.client("reference", reference_path)
     sides = ["chosen_ids", "rejected_ids"]
     kl_sides = ["kl_chosen_ids", "kl_rejected_ids"] if "kl_pairs" in needs else []
-    scored = through_engines(
-        [{c: p[c] for c in ["prompt_ids", *sides, *kl_sides]} for p in pairs],
-        (TokenLogprobs(policy, sides + kl_sides, sides if "token_stats" in needs else ()),
-         cfg.sampling))
+    # Two independent executions side by side: the policy's log-probs of the eval pairs,
+    # and its samples of the eval prompts, each scored by the reference as it comes (while
+    # one waits on Ray Data's scheduling, the other's batches are on the engines).
+    with ThreadPoolExecutor(2, thread_name_prefix="evaluate") as side_by_side:
+        on_pairs = side_by_side.submit(
+            through_engines, [{c: p[c] for c in ["prompt_ids", *sides, *kl_sides]} for p in pairs],
+            (TokenLogprobs(policy, sides + kl_sides, sides if "token_stats" in needs else ()),
+             cfg.sampling))
+        on_prompts = side_by_side.submit(
+            through_engines, [{"prompt_ids": r["prompt_ids"]} for r in prompt_rows],
+            (Sampler(policy, sampling), cfg.sampling),
+            (TokenLogprobs(reference, ["response_ids"]), cfg.reference))
+        scored, pol_samples = on_pairs.result(), on_prompts.result()
     pol_c = [r["chosen_ids_logps"] for r in scored]
     pol_r = [r["rejected_ids_logps"] for r in scored]
     pol_kl = tuple([r[f"{c}_logps"] for r in scored] for c in kl_sides) if kl_sides else None
     pol_sq = (tuple([r[f"{c}_collisions"] for r in scored] for c in sides)
               if "token_stats" in needs else None)
-    # the policy's samples of the eval prompts, each scored by the reference as it comes
-    pol_samples = through_engines([{"prompt_ids": r["prompt_ids"]} for r in prompt_rows],
-                                  (Sampler(policy, sampling), cfg.sampling),
-                                  (TokenLogprobs(reference, ["response_ids"]), cfg.reference))
     ref_key = stable_hash({"reference": model_digest(reference_path), "sampling": sampling,
                            "prompts": [r["prompt_ids"] for r in prompt_rows],
                            "engine": pool_config(cfg, "reference").engine.model_dump(
