@@ -27,22 +27,28 @@ def test_a_small_read_is_a_block_per_batch_in_its_order(ray_cluster, tmp_path):
 
 def test_a_table_reaches_every_engine_task_of_its_pool_at_once(ray_cluster, make_config, tmp_path):
     """Four batches through a map shaped like an engine pool's (pipeline.engines.map_args) of
-    two: two tasks run side by side. A table in one block would be one task, one batch after
-    another."""
+    two: two calls are in flight at once. The first call waits for a second to arrive (a
+    file each, in a folder every task sees); in one block, or with one task at a time, no
+    second call could arrive while the first waits, and it gives up. A rendezvous, not
+    timings: a slow worker start on a busy machine cannot fail it."""
     from pipeline.blocks import from_table
     from pipeline.engines import map_args
 
-    def slow(batch: pa.Table) -> pa.Table:
-        start = time.time()
-        time.sleep(1.0)
-        return batch.append_column("start", pa.array([start] * len(batch))).append_column(
-            "end", pa.array([time.time()] * len(batch)))
+    arrivals = tmp_path / "arrivals"
+    arrivals.mkdir()
+
+    def meet(batch: pa.Table) -> pa.Table:
+        (arrivals / f"call-{batch['i'][0].as_py()}").touch()
+        deadline = time.monotonic() + 120
+        while len(list(arrivals.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        met = len(list(arrivals.iterdir())) >= 2
+        return batch.append_column("met", pa.array([met] * len(batch)))
 
     pool = make_config(tmp_path / "run", sampling={"num_actors": 2, "batch_size": 8}).sampling
     ds = from_table(pa.table({"i": list(range(32))}), pool.batch_size)
     assert ds.num_blocks() == 4
-    rows = ds.map_batches(slow, batch_format="pyarrow", **map_args(pool)).take_all()
+    rows = ds.map_batches(meet, batch_format="pyarrow", **map_args(pool)).take_all()
     assert sorted(r["i"] for r in rows) == list(range(32))
-    spans = sorted({(r["start"], r["end"]) for r in rows})
-    assert len(spans) == 4  # a call per batch
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # two calls overlapped
+    assert sorted(p.name for p in arrivals.iterdir()) == ["call-0", "call-16", "call-24", "call-8"]
+    assert all(r["met"] for r in rows)  # the first call met a second one in flight
