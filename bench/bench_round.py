@@ -15,10 +15,16 @@ engine actors; training steps come from `metrics.jsonl`, stages from their manif
 
 Model compute = vLLM engine calls (prompt log-probs, sampling) + training steps (median
 step compute x steps). A round's wall runs from its first stage's start to its last
-stage's end; the steady-state share is over rounds >= 2.
+stage's end; a round's evaluation runs beside the next round's stages, so rounds overlap.
+The steady-state share is over the span of rounds >= 2 (first stage start to last stage
+end): the time in it during which some model compute runs (the union of the compute
+intervals: engines computing side by side count once), over its length.
+
+`--also REV` runs a second commit of today's design in the same run (e.g. the one before a
+change), analysed the same way, and prints the ratio of the steady rounds' period.
 
     .venv/bin/python bench/bench_round.py [--rounds 10] [--prompts-per-round 32]
-        [--baseline REV | --baseline none] [--config configs/demo.yaml]
+        [--baseline REV | --baseline none] [--also REV] [--config configs/demo.yaml]
 """
 
 from __future__ import annotations
@@ -123,6 +129,29 @@ def train_compute(stage: dict[str, Any], rows: list[dict[str, Any]]) -> float:
     return statistics.median(pairs / p for p in per_step[1:] or per_step) * len(rows)
 
 
+COMPUTE_CALLS = ("sequence_logprobs", "sample", "sequence_collisions")  # engine methods
+
+
+def train_intervals(stage: dict[str, Any], rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(start, end) of each training step of one train stage: its row's time (the step's
+    end) less the median step compute (train_compute's)."""
+    rows = [r for r in rows if stage["start"] <= r["time"] <= stage["end"]]
+    if not rows or not stage["outputs"].get("optimizer_steps"):
+        return []
+    per_step = train_compute(stage, rows) / len(rows)
+    return [(r["time"] - per_step, r["time"]) for r in rows]
+
+
+def covered(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of `intervals` inside [lo, hi]."""
+    total, end = 0.0, lo
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def engine_timings(timings: list[dict[str, Any]], engine_in_udf: bool) -> list[dict[str, Any]]:
     """The records of engine work: the Engine's own; in the per-stage design (an engine
     inside each Ray Data UDF, whose Engine records are not written), a UDF's records stand
@@ -150,17 +179,23 @@ def analyse(design: dict[str, Any]) -> dict[str, Any]:
         if st["stage"] == "train":
             r["compute"] += train_compute(st, train_rows)
             r["pairs"] = st["outputs"].get("trained_pairs", st["outputs"]["num_pairs"])
+    intervals = [(t["start"], t["start"] + t["s"]) for t in timings if t["what"] in COMPUTE_CALLS]
+    for st in stages:
+        if st["stage"] == "train":
+            intervals += train_intervals(st, train_rows)
     for t in timings:
-        if t["what"] in ("sequence_logprobs", "sample", "sequence_collisions"):
-            for r in rounds.values():
-                if r["start"] <= t["start"] <= r["end"]:
-                    r["compute"] += t["s"]
+        if t["what"] in COMPUTE_CALLS:  # in the round of its stage (rounds overlap)
+            owner = [st["round"] for st in stages if st["start"] <= t["start"] <= st["end"]]
+            if owner:
+                rounds[min(owner)]["compute"] += t["s"]
     trainer_rows = [r for r in metrics if r.get("kind") == "lifecycle"
                     and r.get("event") == "trainer_start"]
     fits = len(trainer_rows) or sum(1 for st in stages if st["stage"] == "train"
                                     and st["outputs"].get("optimizer_steps"))
     updates = [t["s"] for t in timings if t["what"] == "update_weights"]
-    steady = [r for k, r in rounds.items() if k >= 2]
+    steady = [st for st in stages if st["round"] >= 2]
+    span = ((min(st["start"] for st in steady), max(st["end"] for st in steady))
+            if steady else (0.0, 0.0))
     per_stage: dict[str, list[float]] = {}
     for st in stages:
         if st["round"] >= 2:
@@ -169,8 +204,10 @@ def analyse(design: dict[str, Any]) -> dict[str, Any]:
             "steady_stages": {k: statistics.median(v) for k, v in per_stage.items()},
             "engine_starts": sum(1 for t in timings if t["what"] == "init"),
             "trainer_starts": fits, "updates": updates,
-            "steady_share": (sum(r["compute"] for r in steady)
-                             / sum(r["end"] - r["start"] for r in steady)) if steady else float("nan"),
+            "steady_share": (covered(intervals, *span) / (span[1] - span[0])
+                             if steady else float("nan")),
+            "steady_period": ((span[1] - span[0]) / len({st["round"] for st in steady})
+                              if steady else float("nan")),
             "compute": sum(r["compute"] for r in rounds.values())}
 
 
@@ -189,6 +226,8 @@ def report(d: dict[str, Any]) -> None:
     if d["updates"]:
         emit(line(f"{name}: weight update per engine (median of {len(d['updates'])})",
                   statistics.median(d["updates"]), "s"))
+    emit(line(f"{name}: steady-state round period (span of rounds >= 2 / their count)",
+              d["steady_period"], "s"))
     emit(f"{name}: steady-state rounds (>= 2) share of wall in model compute:"
          f" {d['steady_share']:.1%} (target >= 75%: {'met' if d['steady_share'] >= 0.75 else 'missed'})")
 
@@ -202,6 +241,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompts-per-round", type=int, default=32)
     ap.add_argument("--baseline", default=BASELINE, help="git revision, or 'none'")
+    ap.add_argument("--also", help="a second commit of today's design, run the same way")
     args = ap.parse_args()
     set_env()
     ensure_toy()
@@ -213,6 +253,13 @@ def main() -> None:
     ours = analyse(run_design("ours", root, design_config(args.config, root), args.rounds,
                               args.prompts_per_round))
     report(ours)
+    if args.also:
+        rev, root = code_root(args.also)
+        also = analyse(run_design(f"also-{rev}", root, design_config(args.config, root),
+                                  args.rounds, args.prompts_per_round))
+        report(also)
+        emit(ratio_line(f"steady round period, {rev} / ours", also["steady_period"],
+                        ours["steady_period"]))
     if args.baseline != "none":
         rev, root = code_root(args.baseline)
         base = analyse(run_design(f"baseline-{rev}", root, design_config(args.config, root),

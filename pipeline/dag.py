@@ -3,7 +3,8 @@
 An offline round is prepare → reference → train → evaluate. A sampled round (iterative or
 online mode) is sample → score → pair → reference → train → evaluate, starting from the
 previous round's policy. `prepare` runs once (in round-0) and later rounds use its eval
-split (and its prompts, when rounds.prompts is not set).
+split (and its prompts, when rounds.prompts is not set). A round's evaluation runs beside
+the next round's stages, up to the next round's own evaluation (BESIDE_EVALUATION).
 
 Each stage's key hashes its inputs (upstream keys, files, model digests) and the config it
 reads. A stage whose manifest holds the same key is skipped, so running again, or
@@ -12,8 +13,10 @@ reads. A stage whose manifest holds the same key is skipped, so running again, o
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,7 +259,7 @@ def _evaluate(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
                            cache=reference_cache(r) / "eval-samples")
     metrics["round"] = r.index
     if r.sink is not None:
-        r.sink.log.remote("eval", metrics)
+        r.sink.log.remote("eval", {**metrics, "stage": "evaluate"})  # (it may run beside)
     return {"metrics": metrics}
 
 
@@ -334,32 +337,61 @@ def stage_key(name: str, inputs: dict[str, Any]) -> str:
 
 def run_stages(r: Round, stages: list[Stage]) -> None:
     for stage in stages:
-        if stage.name == "evaluate" and not r.cfg.data.eval:
-            continue
-        if stage.name in r.done:  # inherited from round 0 (prepare)
-            continue
-        inputs = stage.key_inputs(r)
-        key = stage_key(stage.name, inputs)
-        stage_dir = r.dir / stage.name
-        done = finished(stage_dir, key)
-        r.stage_dirs[stage.name] = stage_dir
-        if done is not None:
-            console.print(f"[green]✓[/] round {r.index} {stage.name}: up to date, skipped")
-            r.done[stage.name] = done
-            continue
+        run_stage(r, stage)
+
+
+def run_stage(r: Round, stage: Stage, beside: int | None = None) -> None:
+    """Run one stage of round `r`, or skip it when its manifest is up to date. `beside`: the
+    round whose stages run in the foreground meanwhile (see BESIDE_EVALUATION); such a
+    stage has no live line and leaves the sink's round and stage to the foreground's."""
+    if stage.name == "evaluate" and not r.cfg.data.eval:
+        return
+    if stage.name in r.done:  # inherited from round 0 (prepare)
+        return
+    inputs = stage.key_inputs(r)
+    key = stage_key(stage.name, inputs)
+    stage_dir = r.dir / stage.name
+    done = finished(stage_dir, key)
+    r.stage_dirs[stage.name] = stage_dir
+    if done is not None:
+        console.print(f"[green]✓[/] round {r.index} {stage.name}: up to date, skipped")
+        r.done[stage.name] = done
+        return
+    label = f"round {r.index} {stage.name}"
+    if beside is None:
         if r.sink is not None:
             r.sink.set_context.remote(round=r.index, stage=stage.name)
-        t0 = time.time()
-        tmp = scratch_dir(stage_dir)
-        try:
-            with StageDisplay(f"round {r.index} {stage.name}", r.sink, stage.name, r.index):
-                outputs = stage.run(r, tmp, inputs)
-        except Exception as err:
-            report_failure(err, r.index, stage.name, log_dir_of(r.run_dir), r.verbose)
-            raise
-        manifest = Manifest(stage.name, key, inputs, outputs, time.time() - t0, time.time())
-        commit(tmp, stage_dir, manifest)
-        r.done[stage.name] = manifest
+        display: Any = StageDisplay(label, r.sink, stage.name, r.index)
+    else:
+        console.print(f"  {label}: runs beside round {beside}")
+        display = contextlib.nullcontext()
+    t0 = time.time()
+    tmp = scratch_dir(stage_dir)
+    try:
+        with display:
+            outputs = stage.run(r, tmp, inputs)
+    except Exception as err:
+        report_failure(err, r.index, stage.name, log_dir_of(r.run_dir), r.verbose)
+        raise
+    manifest = Manifest(stage.name, key, inputs, outputs, time.time() - t0, time.time())
+    commit(tmp, stage_dir, manifest)
+    r.done[stage.name] = manifest
+    if beside is not None:
+        console.print(f"[green]✓[/] {label} ({manifest.seconds:.1f} s, beside round {beside})")
+
+
+# The stages of a round that run while the previous round's evaluation is still running:
+# they ask the engines for the weights that evaluation holds them to (the previous round's
+# policy, the initial reference) or for none (score, pair, train). The first stage not
+# listed (the round's own evaluation, which loads this round's policy) waits for it.
+BESIDE_EVALUATION = ("sample", "score", "pair", "reference", "train")
+
+
+def beside_evaluation(cfg: RunConfig) -> set[str]:
+    """BESIDE_EVALUATION for this config: with `rounds.reference: previous` the reference
+    stage loads the previous round's policy into the reference engines, which the
+    evaluation holds to the initial model, so it waits."""
+    return set(BESIDE_EVALUATION) - ({"reference"} if cfg.rounds.reference == "previous" else set())
 
 
 def run_pipeline(cfg: RunConfig, verbose: bool = False) -> int:
@@ -420,21 +452,41 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, log_dir: Path, verbose: bool) -> 
 
 def _rounds(cfg: RunConfig, run_dir: Path, env: dict[str, str], sink: Any, engines: Any,
             scorers: Any, trainer: Any, verbose: bool) -> list[Round]:
+    """Every round in order. Round k's evaluation runs in a second thread beside round k+1's
+    stages up to its first not in BESIDE_EVALUATION; the last round's runs alone."""
     policy = cfg.model.policy
     rounds: list[Round] = []
-    for k in range(cfg.rounds.count):
-        reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
-        r = Round(cfg, run_dir, k, policy, reference, env, sink, engines, scorers,
-                  verbose=verbose, trainer=trainer)
-        if rounds:  # prepare ran once, in round 0
-            r.policy_digest = trained_digest(rounds[-1])
-            r.done["prepare"] = rounds[0].done["prepare"]
-            r.stage_dirs["prepare"] = rounds[0].stage_dirs["prepare"]
-        if rounds and rounds[-1].has("train", "carry"):
-            r.carried = (rounds[-1].done["train"].key, rounds[-1].stage_path("train", "carry"))
-        run_stages(r, SAMPLED_ROUND if r.sampled else OFFLINE_ROUND)
-        rounds.append(r)
-        policy = str(r.stage_path("train", "model_dir"))
+    may_overlap = beside_evaluation(cfg)
+    pending: Future | None = None  # the previous round's evaluation, when it runs beside
+    with ThreadPoolExecutor(1, thread_name_prefix="evaluate-beside") as beside:
+        try:
+            for k in range(cfg.rounds.count):
+                reference = policy if cfg.rounds.reference == "previous" else cfg.model.reference_path
+                r = Round(cfg, run_dir, k, policy, reference, env, sink, engines, scorers,
+                          verbose=verbose, trainer=trainer)
+                if rounds:  # prepare ran once, in round 0
+                    r.policy_digest = trained_digest(rounds[-1])
+                    r.done["prepare"] = rounds[0].done["prepare"]
+                    r.stage_dirs["prepare"] = rounds[0].stage_dirs["prepare"]
+                if rounds and rounds[-1].has("train", "carry"):
+                    r.carried = (rounds[-1].done["train"].key, rounds[-1].stage_path("train", "carry"))
+                *stages, evaluate = SAMPLED_ROUND if r.sampled else OFFLINE_ROUND
+                for stage in stages:
+                    if (pending is not None and stage.name not in may_overlap
+                            and stage.name not in r.done):  # (prepare is round 0's)
+                        pending, _ = None, pending.result()
+                    run_stage(r, stage)
+                if pending is not None:
+                    pending, _ = None, pending.result()
+                if k + 1 < cfg.rounds.count:
+                    pending = beside.submit(run_stage, r, evaluate, k + 1)
+                else:
+                    run_stage(r, evaluate)
+                rounds.append(r)
+                policy = str(r.stage_path("train", "model_dir"))
+        finally:
+            if pending is not None:  # a foreground stage failed: the evaluation ends first
+                wait([pending])
     return rounds
 
 

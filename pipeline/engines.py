@@ -25,6 +25,7 @@ weight update is a `lifecycle` row in metrics.jsonl.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -75,11 +76,16 @@ class Engines:
         self.cfg, self.sink = cfg, sink
         self.engine_cls = engine_cls or workers.vllm_pool.Engine  # looked up now (bench swaps it)
         self.pools: dict[tuple[str, str], _Pool] = {}
+        self.lock = threading.Lock()  # stages ask from two driver threads (pipeline.dag)
 
     def client(self, role: str, weights_path: str) -> EngineClient:
         """A client of `role`'s pool serving the weights at `weights_path`, full weights or
         a LoRA adapter (the pool is started, or loads them in place, first: an adapter's
         base too, when the pool serves other full weights)."""
+        with self.lock:  # one pool per role and architecture, one load at a time
+            return self._client(role, weights_path)
+
+    def _client(self, role: str, weights_path: str) -> EngineClient:
         base = base_of(weights_path)
         key = (pool_role(self.cfg, role), architecture(base))
         pool = self.pools.get(key)

@@ -118,9 +118,11 @@ class MetricsSink:
         self.trackers = (Trackers(tracking, self.path.parent, config or {})
                          if tracking and tracking.get("backends") else None)
 
-    def _tags(self) -> dict[str, str]:
+    def _tags(self, round_index: Any = None) -> dict[str, str]:
+        """A series' tags: the run, and the round of its row (else the context's)."""
         run = Path(str(self.context.get("run_dir") or "run")).name
-        return {"run": run, "round": str(self.context.get("round", 0))}
+        return {"run": run, "round": str(self.context.get("round", 0) if round_index is None
+                                         else round_index)}
 
     def set_context(self, **context: Any) -> None:
         before = self.context.get("stage")
@@ -146,10 +148,11 @@ class MetricsSink:
         self.latest[kind] = clean
         if kind in EVENT_KINDS:  # events, not series: metrics.jsonl and the summary only
             return
+        # a row's own round first: an evaluation logs beside the next round's stages
         if self.dashboard is not None:
-            self._export(kind, row)
+            self._export(kind, row, clean.get("round"))
         if self.trackers is not None:
-            self.trackers.log(kind, row, int(self.context.get("round") or 0))
+            self.trackers.log(kind, row, int(clean.get("round") or 0))
 
     def finish(self, table: Any = None) -> None:
         """End of the run: the final evaluation table (a workers.tracking.SummaryTable) goes
@@ -169,8 +172,8 @@ class MetricsSink:
         rate = (row.get("step", 0) - first.get("step", 0)) / span if span > 0 else None
         return {**row, "total": self.planned.get(stage, {}).get("total"), "steps_per_s": rate}
 
-    def _export(self, kind: str, row: dict[str, Any]) -> None:
-        tags = self._tags()
+    def _export(self, kind: str, row: dict[str, Any], round_index: Any = None) -> None:
+        tags = self._tags(round_index)
         planned = self.planned.get("train", {})
         if kind == "train" and planned.get("beta") and "rewards/margins" in row:
             row = {**row, "logit_gap": row["rewards/margins"] / planned["beta"]}
