@@ -130,6 +130,18 @@ def test_metrics_across_rounds(two_rounds):
     assert first == second and len(first) == 8
 
 
+def test_round_0s_evaluation_ran_beside_round_1_up_to_its_reference(two_rounds):
+    """pipeline.dag.BESIDE_EVALUATION: round 0's evaluation runs while round 1 samples,
+    scores and pairs; with `rounds.reference: previous` round 1's reference stage (which loads
+    round 0's policy into the reference engines) starts after it. (That the two run at once
+    is shown without timings by tests/unit/pipeline/test_rounds_beside.py.)"""
+    _, run_dir, _, at_kill = two_rounds
+    log = (run_dir.parent / "driver.log").read_text()
+    assert "round 0 evaluate: runs beside round 1" in log, log
+    start = lambda m: m["finished_at"] - m["seconds"]
+    assert start(at_kill[(1, "reference")]) >= at_kill[(0, "evaluate")]["finished_at"]
+
+
 def test_killed_driver_resumes_from_the_last_finished_stage(two_rounds):
     _, run_dir, out, at_kill = two_rounds
     finished = {(k, s) for k in (0, 1) for s in STAGES[k][:4]}  # round 1: up to reference
