@@ -340,14 +340,20 @@ def run_stages(r: Round, stages: list[Stage]) -> None:
         run_stage(r, stage)
 
 
-def run_stage(r: Round, stage: Stage, beside: int | None = None) -> None:
-    """Run one stage of round `r`, or skip it when its manifest is up to date. `beside`: the
-    round whose stages run in the foreground meanwhile (see BESIDE_EVALUATION); such a
-    stage has no live line and leaves the sink's round and stage to the foreground's."""
+def run_stage(r: Round, stage: Stage) -> None:
+    """Run one stage of round `r`, or skip it when its manifest is up to date."""
+    planned = plan_stage(r, stage)
+    if planned is not None:
+        execute_stage(r, stage, planned)
+
+
+def plan_stage(r: Round, stage: Stage) -> tuple[dict[str, Any], str] | None:
+    """(key inputs, key) of a stage that has to run; None when it is skipped (it does not
+    apply, or its manifest holds the key: then it is done)."""
     if stage.name == "evaluate" and not r.cfg.data.eval:
-        return
+        return None
     if stage.name in r.done:  # inherited from round 0 (prepare)
-        return
+        return None
     inputs = stage.key_inputs(r)
     key = stage_key(stage.name, inputs)
     stage_dir = r.dir / stage.name
@@ -356,15 +362,24 @@ def run_stage(r: Round, stage: Stage, beside: int | None = None) -> None:
     if done is not None:
         console.print(f"[green]✓[/] round {r.index} {stage.name}: up to date, skipped")
         r.done[stage.name] = done
-        return
+        return None
+    return inputs, key
+
+
+def execute_stage(r: Round, stage: Stage, planned: tuple[dict[str, Any], str],
+                  beside: int | None = None) -> None:
+    """Run a planned stage and commit its manifest. `beside`: the round whose stages run in
+    the foreground meanwhile (BESIDE_EVALUATION); such a stage has no live line and leaves
+    the sink's round and stage to the foreground's."""
+    inputs, key = planned
     label = f"round {r.index} {stage.name}"
     if beside is None:
         if r.sink is not None:
             r.sink.set_context.remote(round=r.index, stage=stage.name)
         display: Any = StageDisplay(label, r.sink, stage.name, r.index)
     else:
-        console.print(f"  {label}: runs beside round {beside}")
         display = contextlib.nullcontext()
+    stage_dir = r.stage_dirs[stage.name]
     t0 = time.time()
     tmp = scratch_dir(stage_dir)
     try:
@@ -478,10 +493,12 @@ def _rounds(cfg: RunConfig, run_dir: Path, env: dict[str, str], sink: Any, engin
                     run_stage(r, stage)
                 if pending is not None:
                     pending, _ = None, pending.result()
-                if k + 1 < cfg.rounds.count:
-                    pending = beside.submit(run_stage, r, evaluate, k + 1)
-                else:
-                    run_stage(r, evaluate)
+                planned = plan_stage(r, evaluate)  # a skipped one says so here, in order
+                if planned is not None and k + 1 < cfg.rounds.count:
+                    console.print(f"  round {k} {evaluate.name}: runs beside round {k + 1}")
+                    pending = beside.submit(execute_stage, r, evaluate, planned, k + 1)
+                elif planned is not None:
+                    execute_stage(r, evaluate, planned)
                 rounds.append(r)
                 policy = str(r.stage_path("train", "model_dir"))
         finally:

@@ -91,10 +91,13 @@ def test_an_evaluation_runs_beside_the_next_rounds_stages_up_to_its_evaluation(s
     assert script.at("start", 2, "evaluate") > script.at("end", 2, "train")  # the last, alone
     assert [r.index for r in rounds] == [0, 1, 2] and all("evaluate" in r.done for r in rounds)
 
-    # run again: every stage is up to date, nothing runs
+    # run again: every stage is up to date, nothing runs, and each says so on the driver's
+    # thread (rich captures one thread's output: what `rayalign resume` tests read)
     ran = len(script.log)
-    run_rounds(tmp_path)
+    with dag.console.capture() as captured:
+        run_rounds(tmp_path)
     assert len(script.log) == ran
+    assert captured.get().count("up to date, skipped") == 4 + 2 * 6  # prepare runs once
 
 
 def test_with_reference_previous_the_reference_stage_waits_for_the_evaluation(script, tmp_path):
