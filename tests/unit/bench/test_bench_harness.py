@@ -4,6 +4,8 @@ model's size, pair token counts, the timing subclass). No timings are asserted."
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import pytest
 
@@ -81,8 +83,14 @@ def test_processes_matching_keeps_only_descendants():
 
     from bench.harness import descends_from, processes_matching
 
-    child = subprocess.Popen(["sleep", "5"])
+    child = subprocess.Popen(["sleep", "30"])
     try:
+        # Popen returns when the child's close-on-exec pipe closes, which is before the kernel
+        # has set up the new program's arguments: wait for its cmdline (CI read it empty)
+        cmdline = Path(f"/proc/{child.pid}/cmdline")
+        deadline = time.monotonic() + 20
+        while b"sleep" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert child.pid in processes_matching("sleep", ancestor=os.getpid())
         assert descends_from(child.pid, os.getpid())
         assert not descends_from(os.getpid(), child.pid)
