@@ -71,7 +71,7 @@ def test_reference_survives_an_engine_call_that_never_answers(prepared_pairs, ma
 
     cfg = make_config(tmp_path / "run", reference={
         "batch_size": 16, "engine": {"dtype": "float32", "max_model_len": 256,
-                                     "call_timeout_s": 40}})
+                                     "call_timeout_s": 20}})  # an engine start: 60 s
     marker = tmp_path / "hung"
     with Engines(cfg, engine_cls=hangs_once(str(marker))) as engines:
         client = engines.client("reference", cfg.model.reference_path)
