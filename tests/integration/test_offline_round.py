@@ -154,45 +154,6 @@ def test_rerun_skips_every_stage(round_run, capsys):
     assert out.count("up to date, skipped") == 4
 
 
-def test_zero3_two_workers_match_one(round_run, make_config, tmp_path):
-    """Same global batch (every step sees all 16 pairs): 2 ZeRO-3 workers == 1 worker."""
-    import ray
-
-    from pipeline.cluster import worker_env
-    from pipeline.stages.train import TrainerSession, run_train
-    from workers.metrics_sink import MetricsSink
-
-    _cfg, run_dir = round_run
-    ref_train = manifest(run_dir, "reference")["outputs"]["train"]
-    subset = tmp_path / "subset"
-    subset.mkdir()
-    pq.write_table(pq.read_table(ref_train).slice(0, 16), subset / "part.parquet")
-    curves = {}
-    for workers in (1, 2):
-        c = make_config(tmp_path / f"w{workers}", loss={"name": "sigmoid", "params": {}},
-                        train={"num_workers": workers, "micro_batch_size": 4,
-                               "global_batch_size": 16, "epochs": 3, "learning_rate": 1e-3,
-                               "warmup_ratio": 0.0, "lr_schedule": "constant"})
-        path = tmp_path / f"metrics-{workers}.jsonl"
-        sink = ray.remote(MetricsSink).options(num_cpus=0).remote(str(path), {})
-        out = tmp_path / f"out-{workers}"
-        out.mkdir()
-        trainer = TrainerSession(c, tmp_path / f"storage-{workers}", worker_env(c), sink)
-        try:
-            result = run_train(subset, c.model.policy, c, out, trainer)
-        finally:
-            trainer.close()
-        ray.get(sink.set_context.remote())
-        assert result["optimizer_steps"] == 3
-        curves[workers] = [row["loss"] for row in map(json.loads, path.read_text().splitlines())
-                           if row["kind"] == "train"]
-    print(f"loss curves: 1 worker {curves[1]}, 2 workers {curves[2]}")
-    assert len(curves[1]) == len(curves[2]) == 3
-    assert curves[1][-1] < curves[1][0], "loss should fall at lr 1e-3 on a fixed batch"
-    for a, b in zip(curves[1], curves[2]):
-        assert abs(a - b) < 1e-4
-
-
 def all_actor_ids() -> set[str]:
     """Every actor the cluster has started (alive or dead), from the GCS."""
     from ray._private.state import actors
