@@ -154,6 +154,29 @@ def test_rerun_skips_every_stage(round_run, capsys):
     assert out.count("up to date, skipped") == 4
 
 
+def test_zero3_workers_lower_the_loss_on_a_fixed_batch(round_run, make_config, tmp_path):
+    """2 ZeRO-3 workers, the reference stage's real log-probs, one global batch of 16 pairs
+    seen three times at lr 1e-3: the loss falls. (That 2 workers take the same steps as 1:
+    test_train_robustness's ranks-with-different-batches tests.)"""
+    from tests.integration.train_run import train
+
+    _cfg, run_dir = round_run
+    ref_train = manifest(run_dir, "reference")["outputs"]["train"]
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    pq.write_table(pq.read_table(ref_train).slice(0, 16), subset / "part.parquet")
+    c = make_config(tmp_path / "w2", loss={"name": "sigmoid", "params": {}},
+                    train={"num_workers": 2, "micro_batch_size": 4, "global_batch_size": 16,
+                           "epochs": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+                           "lr_schedule": "constant"})
+    result, rows, _ = train(c, subset, tmp_path)
+    assert result["optimizer_steps"] == 3
+    curve = [r["loss"] for r in rows]
+    print(f"loss curve: {curve}")
+    assert len(curve) == 3
+    assert curve[-1] < curve[0], "loss should fall at lr 1e-3 on a fixed batch"
+
+
 def all_actor_ids() -> set[str]:
     """Every actor the cluster has started (alive or dead), from the GCS."""
     from ray._private.state import actors

@@ -389,7 +389,7 @@ def whole_batch_first_loss(cfg, data_dir) -> float:
     order) in one process without Ray or DeepSpeed: the Ray-free train step on the initial
     policy, which is what one worker computes."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pipeline.config import validate_loss
     from workers.logprobs import ResponseLogps
@@ -399,11 +399,9 @@ def whole_batch_first_loss(cfg, data_dir) -> float:
     position = {i: n for n, i in enumerate(table["id"].to_pylist())}
     first = training_order(table, cfg.train.seed)[:cfg.train.global_batch_size]
     rows = table.take([position[i] for i in first]).to_pydict()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32).eval()
-    with torch.no_grad():
-        loss, _ = pair_loss(ResponseLogps(model), rows_to_pairs(rows, pad), cfg.loss.name,
+    with torch.no_grad():  # the pad id is masked out: any id does (as in kl_pairs_dir)
+        loss, _ = pair_loss(ResponseLogps(model), rows_to_pairs(rows, pad_id=0), cfg.loss.name,
                             validate_loss(cfg.loss), RunningMean())
     return float(loss)
 
