@@ -1,6 +1,7 @@
 """Trainer throughput: our train stage (Ray Train x DeepSpeed, 1 then 2 workers, in the
 layout a user gets by default: ZeRO stage auto, packed rows, shared prompt) vs TRL's
-DPOTrainer, same model, pairs, lengths, micro-batch, gradient accumulation, fp32, AdamW.
+DPOTrainer, same model, pairs, lengths, micro-batch, gradient accumulation, fp32, fused
+AdamW (each side's default: ours `train.optimizer: adamw`, TRL's `adamw_torch_fused`).
 TRL runs before and after ours (a shared machine drifts); ratios use its faster run.
 
 Our side is the real stage function `pipeline.stages.train.run_train` (Ray Data read and
@@ -213,7 +214,7 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
     def bare(packed: bool) -> float:
         model = load_hf(model_path).train()
         module = ResponseLogps(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, fused=True)
         times = []
         for i, pairs in enumerate(batches(attention_mode(model) if packed else None)):
             loss, _ = pair_loss(module, pairs, "sigmoid", {"beta": BETA})
@@ -234,7 +235,7 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
             adam_betas=BETAS, seed=0, bf16=False, gradient_checkpointing=False)
         ds_config = deepspeed_config(cfg)
         model, _keep = _load_policy(cfg, str(model_path), ds_config)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, fused=True)
         engine, *_ = deepspeed.initialize(model=ResponseLogps(model), optimizer=opt,
                                           config=ds_config, dist_init_required=False)
         times = []
@@ -243,7 +244,7 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
                 profiler.enable()  # after the warm-up step
             loss, _ = pair_loss(engine, pairs, "sigmoid", {"beta": BETA})
             engine.backward(loss)
-            step_engine(engine)
+            step_engine(engine, cfg)
             if (i + 1) % accum == 0:
                 times.append(time.time())
         if profiler is not None:

@@ -225,7 +225,7 @@ def trl_config(out_dir: Path, **kw: Any):
             "eval_strategy": "no", "logging_strategy": "no", "use_cpu": True, "bf16": False,
             "fp16": False, "seed": 0, "dataloader_num_workers": 0, "disable_tqdm": True,
             "remove_unused_columns": False, "precompute_ref_log_probs": True,
-            "optim": "adamw_torch", "weight_decay": 0.0, "lr_scheduler_type": "cosine",
+            "optim": "adamw_torch_fused", "weight_decay": 0.0, "lr_scheduler_type": "cosine",
             "dataset_num_proc": None}
     base.update(kw)
     return DPOConfig(**base)

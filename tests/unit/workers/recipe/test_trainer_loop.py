@@ -97,6 +97,18 @@ def test_offload_settings_reach_the_deepspeed_config():
     assert both["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
+def test_deepspeed_clips_unless_the_trainer_does():
+    """ZeRO-0 in fp32: the trainer clips (DeepSpeed would drop the norm), DeepSpeed is told
+    not to; everywhere else DeepSpeed clips by train.grad_clip."""
+    from workers.recipe.options import deepspeed_config, trainer_clips
+
+    for overrides, trainer in (({"zero_stage": 0}, True), ({"zero_stage": 3}, False),
+                               ({"zero_stage": 0, "bf16": True}, False)):
+        cfg = loop_config(**overrides)
+        assert trainer_clips(cfg) is trainer
+        assert deepspeed_config(cfg)["gradient_clipping"] == (0.0 if trainer else 1.0)
+
+
 def test_build_optimizer_follows_the_config():
     from workers.recipe.options import build_optimizer
 
@@ -105,6 +117,31 @@ def test_build_optimizer_follows_the_config():
     assert type(opt) is torch.optim.AdamW
     group = opt.param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.01)
+    assert group["fused"]  # one kernel for all the parameters: CPU and CUDA have it
+
+
+def test_fused_adamw_takes_the_per_parameter_loops_step():
+    """The fused AdamW the trainer builds updates the weights as torch's per-parameter loop
+    does (to float32 rounding), with weight decay, over several steps."""
+    from workers.recipe.options import build_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(5)]
+    runs = []
+    for build in (lambda ps: build_optimizer(loop_config(), ps),
+                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.95),
+                                               weight_decay=0.01, eps=1e-8, foreach=False)):
+        ps = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = build(ps)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        runs.append(ps)
+    for fused, loop, w in zip(*runs, start):
+        assert float((fused - w).abs().max()) > 1e-3  # the weights moved
+        torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-7)
 
 
 def test_auto_zero_stage_replicates_only_what_fits_in_fp32_without_offload():
