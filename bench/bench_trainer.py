@@ -191,7 +191,6 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
     import cProfile
     import os
 
-    import deepspeed
     import pyarrow.parquet as pq
     import torch
     import torch.distributed as dist
@@ -199,7 +198,7 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
     from workers.logprobs import ResponseLogps
     from workers.packing import attention_mode
     from workers.recipe.options import TrainLoopConfig, deepspeed_config
-    from workers.recipe.recipe import _load_policy, step_engine
+    from workers.recipe.recipe import _load_policy, build_engine, step_engine
     from workers.train_step import pair_loss, rows_to_pairs
 
     rows = pq.read_table(data).to_pydict()
@@ -235,9 +234,7 @@ def profile_step(model_path: Path, data: Path, args: argparse.Namespace) -> None
             adam_betas=BETAS, seed=0, bf16=False, gradient_checkpointing=False)
         ds_config = deepspeed_config(cfg)
         model, _keep = _load_policy(cfg, str(model_path), ds_config)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, fused=True)
-        engine, *_ = deepspeed.initialize(model=ResponseLogps(model), optimizer=opt,
-                                          config=ds_config, dist_init_required=False)
+        engine = build_engine(cfg, model, ds_config, world=1)
         times = []
         for i, pairs in enumerate(batches(attention_mode(model))):
             if i == accum and profiler is not None:

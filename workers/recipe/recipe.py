@@ -141,6 +141,23 @@ def _load_policy(cfg: TrainLoopConfig, policy_path: str, ds_config: dict[str, An
     return model, keep_alive
 
 
+def build_engine(cfg: TrainLoopConfig, model: torch.nn.Module, ds_config: dict[str, Any],
+                 world: int):
+    """The DeepSpeed engine that trains `model` (response log-probs, the config's optimizer
+    over its trainable parameters) on `world` data-parallel ranks."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=ResponseLogps(model, cfg.logprob_chunk_size, cfg.head_calls),
+        optimizer=build_optimizer(cfg, lora.trainable_parameters(model)), config=ds_config,
+        dist_init_required=False)
+    if world == 1 and cfg.zero_stage == 0:
+        # one process has nothing to all-reduce: DeepSpeed would still copy every gradient
+        # into a flat buffer and back at each accumulation boundary (~7% of a CPU step)
+        engine.enable_backward_allreduce = False
+    return engine
+
+
 def step_engine(engine, cfg: TrainLoopConfig) -> float | None:
     """engine.step(), and at an accumulation boundary the gradient norm (None otherwise).
     DeepSpeed's ZeRO-1..3 and 16-bit optimizers clip by that norm and keep it; at ZeRO-0 in
@@ -225,7 +242,6 @@ class DPORecipe:
     # --- setup: model, tokenizer, optimizer, DeepSpeed (once per worker-group start) -----
 
     def setup(self, policy_path: str) -> None:
-        import deepspeed
         from transformers import AutoTokenizer
 
         self.progress(0, "load", self.setup_timeout)
@@ -244,14 +260,7 @@ class DPORecipe:
                        else self.tokenizer.eos_token_id)
         self.packing = attention_mode(model) if cfg.packing else None
         self.progress(0, "deepspeed init", self.setup_timeout)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=ResponseLogps(model, cfg.logprob_chunk_size, cfg.head_calls),
-            optimizer=build_optimizer(cfg, lora.trainable_parameters(model)), config=ds_config,
-            dist_init_required=False)
-        if self.world == 1 and cfg.zero_stage == 0:
-            # one process has nothing to all-reduce: DeepSpeed would still copy every gradient
-            # into a flat buffer and back at each accumulation boundary (~7% of a CPU step)
-            self.engine.enable_backward_allreduce = False
+        self.engine = build_engine(cfg, model, ds_config, self.world)
 
     # --- a round -------------------------------------------------------------------------
 
