@@ -184,7 +184,8 @@ class TrainConfig(_Section):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     optimizer: Literal["adamw", "cpu_adam"] = Field(
-        "adamw", description="adamw: torch AdamW on the workers' device. cpu_adam: DeepSpeed's"
+        "adamw", description="adamw: torch AdamW on the workers' device (fused where torch has"
+        " the kernel: CPU, CUDA). cpu_adam: DeepSpeed's"
         " CPU Adam with ZeRO-Offload (optimizer states and the update in host memory; needs"
         " zero_stage >= 1).")
     offload_params: bool = Field(

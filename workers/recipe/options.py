@@ -161,11 +161,10 @@ def build_optimizer(cfg: TrainLoopConfig, params) -> torch.optim.Optimizer:
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     if cfg.optimizer != "adamw":
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
-                for p in params)
-    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # torch has no fused kernel for these parameters' device or dtype
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
