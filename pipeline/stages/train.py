@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,15 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
     steps = optimizer_steps(num_pairs, cfg)
     if trainer.sink is not None:  # for the dashboard: stage progress and h = margin / β
         trainer.sink.plan.remote("train", steps, validate_loss(cfg.loss).get("beta"))
-    final, stalls = trainer.train(round_job(cfg, round_index, key, policy_path, steps, out_dir, ds))
+    # The pairs past the last full batch are known before training: they are written for the
+    # next round while the workers train (a Ray Data write, off the round's critical path).
+    trained = min(steps, num_pairs // t.global_batch_size) * t.global_batch_size
+    with ThreadPoolExecutor(1, thread_name_prefix="carry") as pool:
+        carrying = pool.submit(carry_over, ds, trained, round_index, out_dir / "carry") \
+            if carry else None
+        final, stalls = trainer.train(round_job(cfg, round_index, key, policy_path, steps,
+                                                out_dir, ds))
+        carried = carrying.result() if carrying else 0
     stopped = final.get("stopped")
     if stopped:
         trainer.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -295,8 +304,6 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
     for d in exported.values():
         if not (out_dir / d).is_dir():
             raise RuntimeError(f"training finished without writing {out_dir / d}")
-    trained = min(steps, num_pairs // t.global_batch_size) * t.global_batch_size
-    carried = carry_over(ds, trained, round_index, out_dir / "carry") if carry else 0
     return {**exported, "num_pairs": num_pairs, "optimizer_steps": steps,
             "trained_pairs": trained, "carried": carried,
             "steps_done": final.get("step"), "nonfinite_skipped": final.get("nonfinite_skipped", 0),
