@@ -192,7 +192,12 @@ def analyse(design: dict[str, Any]) -> dict[str, Any]:
                     and r.get("event") == "trainer_start"]
     fits = len(trainer_rows) or sum(1 for st in stages if st["stage"] == "train"
                                     and st["outputs"].get("optimizer_steps"))
-    updates = [t["s"] for t in timings if t["what"] == "update_weights"]
+    # per engine: the lifecycle rows (how each update came: object store or disk), or where a
+    # design writes none, the timed update_weights calls
+    lifecycle = [r for r in metrics if r.get("kind") == "lifecycle"
+                 and r.get("event") == "weight_update" and "adapter_slot" not in r]
+    updates = ([(r.get("via", "disk"), r["seconds"]) for r in lifecycle] if lifecycle else
+               [("disk", t["s"]) for t in timings if t["what"] == "update_weights"])
     steady = [st for st in stages if st["round"] >= 2]
     span = ((min(st["start"] for st in steady), max(st["end"] for st in steady))
             if steady else (0.0, 0.0))
@@ -223,9 +228,10 @@ def report(d: dict[str, Any]) -> None:
     if d["steady_stages"]:
         emit(line(f"{name}: steady-state stage medians (s)", ", ".join(
             f"{k} {v:.2f}" for k, v in d["steady_stages"].items())))
-    if d["updates"]:
-        emit(line(f"{name}: weight update per engine (median of {len(d['updates'])})",
-                  statistics.median(d["updates"]), "s"))
+    for via in sorted({v for v, _ in d["updates"]}):
+        seconds = [s for v, s in d["updates"] if v == via]
+        emit(line(f"{name}: weight update per engine from {via} (median of {len(seconds)})",
+                  statistics.median(seconds), "s"))
     emit(line(f"{name}: steady-state round period (span of rounds >= 2 / their count)",
               d["steady_period"], "s"))
     emit(f"{name}: steady-state rounds (>= 2) share of wall in model compute:"

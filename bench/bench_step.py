@@ -27,6 +27,7 @@ flops divide both arms' step times, so the MFU ratio is the throughput ratio.
 
     python bench/bench_step.py                 # tiny shape on CPU, Qwen2-0.5B shape on CUDA
     python bench/bench_step.py --device cuda --share-prompt
+    python bench/bench_step.py --device cuda --profile 5    # where a step's time goes
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Args:
     chunk: int
     seed: int
     peak_tflops: float | None
+    profile: int
 
 
 def parse_args() -> Args:
@@ -96,6 +98,10 @@ def parse_args() -> Args:
     ap.add_argument("--chunk", type=int, default=4096, help="LM-head rows per chunk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, help="device peak dense bf16 TFLOP/s")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, profile N more micro-steps per arm (torch"
+                         ".profiler): the top ops by device and by host time, and dynamo's"
+                         " compile counters")
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     shape = "tiny" if a.tiny else a.shape or ("qwen2-0.5b" if cuda else "tiny")
@@ -104,7 +110,7 @@ def parse_args() -> Args:
     warmup = a.warmup if a.warmup is not None else (1 if small else 3)
     return Args(a.device, shape, a.pairs, a.steps or (3 if small else 10), warmup, cap,
                 a.row_tokens, a.attention or ("flex" if cuda else "mask"), a.share_prompt,
-                a.chunk, a.seed, a.peak_tflops)
+                a.chunk, a.seed, a.peak_tflops, a.profile)
 
 
 def length_mix(pairs: int, cap: int, gen: torch.Generator) -> list[tuple[int, int, int]]:
@@ -287,7 +293,8 @@ def run(args: Args) -> int:
     cfg = model.config
     batches = [ref_columns(random_rows(length_mix(args.pairs, args.cap, gen), cfg.vocab_size,
                                        gen), cfg.vocab_size, gen)
-               for _ in range(args.warmup + args.steps)]
+               for _ in range(args.warmup + args.steps + args.profile)]
+    batches, fresh = batches[:args.warmup + args.steps], batches[args.warmup + args.steps:]
     n_matmul = matmul_params(model)
     print(f"device: {describe_device(args)}; shape {args.shape} (N_matmul {n_matmul / 1e6:.1f}M), "
           f"{args.pairs} pairs/micro-batch, cap {args.cap}, {args.warmup} warm-up + "
@@ -330,7 +337,38 @@ def run(args: Args) -> int:
         mem = f"{t[1] / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (cpu)"
         print(f"peak memory, {name}: {mem}")
     print(f"ours/plain real tokens/s ratio: {rate['ours'] / rate['plain']:.2f}")
+    if args.profile:
+        profile_arms(arms, fresh, device)  # batches not seen before: new shapes
     return 0
+
+
+def profile_arms(arms: Arms, batches: list[dict], device: torch.device) -> None:
+    """Each arm's micro-steps on `batches` under torch.profiler: the ten ops with the most
+    self device time and the ten with the most host time, and dynamo's counters (a flex
+    block mask whose closure changes every batch would show as recompiles)."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    before = {k: dict(v) for k, v in counters.items()}
+    for name, step in (("plain", arms.step_plain), ("ours", arms.step_ours)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for rows in batches:
+                step(rows)
+            synchronize(device)
+        wall = time.perf_counter() - t0
+        table = prof.key_averages()
+        print(f"profile, {name}: {len(batches)} micro-steps in {wall:.3f} s (profiler on)")
+        for key in (["self_device_time_total"] if device.type == "cuda" else []) + [
+                "cpu_time_total"]:
+            print(table.table(sort_by=key, row_limit=10, max_name_column_width=60))
+    after = {k: dict(v) for k, v in counters.items()}
+    changed = {f"{k}.{n}": c - before.get(k, {}).get(n, 0) for k, v in after.items()
+               for n, c in v.items() if c != before.get(k, {}).get(n, 0)}
+    print(f"dynamo counters during the profiled steps: {changed or 'none'}")
 
 
 def main() -> None:

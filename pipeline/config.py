@@ -160,7 +160,7 @@ class TrainConfig(_Section):
     # computes: the train stage's key leaves them out, so changing them does not retrain.
     SCHEDULING_ONLY: ClassVar[frozenset[str]] = frozenset({
         "cpus_per_worker", "placement_strategy", "resources", "checkpoint_every",
-        "max_failures", "stall_timeout_s"})
+        "max_failures", "stall_timeout_s", "weight_transfer"})
 
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, ge=0)
@@ -229,6 +229,14 @@ class TrainConfig(_Section):
         " step, phase and ranks; then max_failures applies. Also the process-group timeout."
         " Must exceed the longest phase after setup (one step, a checkpoint, the export);"
         " setup (loading the model, building DeepSpeed and its ops) is allowed 3x this.")
+
+    weight_transfer: Literal["object_store", "disk"] = Field(
+        "object_store", description="How a round's trained weights reach the policy engines"
+        " (always also exported to the round's model/ directory, which resume and a restarted"
+        " engine load). object_store: rank 0 puts them into Ray's object store, a decoder"
+        " layer per object, and the engines load them from memory (no file read, no shared"
+        " file system needed; the store holds one round's weights at a time). disk: the"
+        " engines load the exported files. LoRA rounds always hand over the adapter's files.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

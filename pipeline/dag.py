@@ -211,6 +211,10 @@ def _train(r: Round, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     result = run_train(r.stage_path("reference", "train"), r.policy_path, r.cfg, out, r.trainer,
                        shuffle=not inputs["curriculum"], round_index=r.index, carry=r.sampled,
                        key=f"train-{stable_hash(inputs)[:12]}")  # same inputs: resumable
+    offered = result.pop("offered", None)  # object references: not for the manifest
+    if offered and r.engines is not None:  # keyed on where the stage's commit moves them
+        r.engines.offer(str(out / result["model_dir"]), offered,
+                        at=str(r.stage_dirs["train"] / result["model_dir"]))
     if result["carried"]:
         result["carry"] = "carry"
     if not result["optimizer_steps"]:

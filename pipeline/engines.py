@@ -7,6 +7,8 @@ Two pools, each started at its first use (a run whose stages are all cached star
 Every request names the weights it needs (`Engines.client(role, path)`): a pool serving
 other weights loads them in place first (`workers.vllm_pool.Engine.update_weights`: no
 restart, prefix cache reset, a new version number), so the policy pool follows the rounds
+(a round's trained weights from the trainer's memory when it offered them, `offer`, else from
+the round's exported files)
 and, with `rounds.reference: previous`, the reference pool moves between the previous
 round's policy (reference stage) and the initial model (evaluation). A request for weights
 of another architecture than a pool's gets a pool of its own.
@@ -76,6 +78,8 @@ class Engines:
         self.cfg, self.sink = cfg, sink
         self.engine_cls = engine_cls or workers.vllm_pool.Engine  # looked up now (bench swaps it)
         self.pools: dict[tuple[str, str], _Pool] = {}
+        # the latest round's weights in Ray's object store: (weights_id, references)
+        self.offered: tuple[str, list[Any]] | None = None
         self.lock = threading.Lock()  # stages ask from two driver threads (pipeline.dag)
 
     def client(self, role: str, weights_path: str) -> EngineClient:
@@ -104,6 +108,14 @@ class Engines:
                             call_wait_s(pool.config.engine.call_timeout_s), slot,
                             (pool.weights_path, pool.weights) if slot is not None else None)
 
+    def offer(self, weights_path: str, refs: list[Any], at: str | None = None) -> None:
+        """The weights exported at `weights_path` (to be moved to `at`, if given) are also in
+        Ray's object store (`refs`, workers.weight_sync.offer): a pool asked for them next
+        loads them from there. Only the latest offer is kept (an older round's objects are
+        freed)."""
+        with self.lock:
+            self.offered = (weights_id(weights_path, at), list(refs))
+
     def _start(self, role: str, weights_path: str) -> _Pool:
         import ray
 
@@ -131,9 +143,13 @@ class Engines:
         """Load the weights at `weights_path` into every engine of `pool` (an adapter into
         LoRA slot `slot`), in place: a new version."""
         version = pool.version + 1
-        calls = ([a.update_weights.remote(weights_path, version) for a in pool.actors]
-                 if slot is None else
-                 [a.load_adapter.remote(slot, weights_path, version) for a in pool.actors])
+        if slot is not None:
+            calls = [a.load_adapter.remote(slot, weights_path, version) for a in pool.actors]
+        elif self.offered is not None and self.offered[0] == wanted:
+            calls = [a.receive_weights.remote(self.offered[1], weights_path, version)
+                     for a in pool.actors]
+        else:
+            calls = [a.update_weights.remote(weights_path, version) for a in pool.actors]
         get_within(calls, start_wait_s(pool.config.engine.call_timeout_s),
                    f"loading {weights_path} into the {pool.name} engines")
         pool.version = version

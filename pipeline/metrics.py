@@ -36,15 +36,18 @@ def train_steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def lifecycle_line(rows: list[dict[str, Any]], since: float = 0.0) -> str:
     """What started and what was loaded since `since` (a driver session's start), from the
-    `lifecycle` rows: 'engines: 2 started (1 restart), 3 weight updates (0.07 s); trainer: 1 start (ZeRO-3)'."""
+    `lifecycle` rows: 'engines: 2 started (1 restart), 3 weight updates (0.07 s, 2 from the
+    trainer's memory); trainer: 1 start (ZeRO-3)'."""
     events = [r for r in rows if r.get("kind") == "lifecycle" and r.get("time", 0) >= since]
     starts = [r for r in events if r["event"] == "engine_start"]
     updates = [r for r in events if r["event"] == "weight_update"]
     trainers = [r for r in events if r["event"] == "trainer_start"]
     scorers = [r for r in events if r["event"] == "scorer_start"]
     restarts = sum(bool(r.get("restarted")) for r in starts)
+    pushed = sum(r.get("via") == "object_store" for r in updates)
     text = (f"engines: {len(starts)} started" + (f" ({restarts} restarts)" if restarts else "")
-            + f", {len(updates)} weight updates ({sum(r['seconds'] for r in updates):.2f} s)")
+            + f", {len(updates)} weight updates ({sum(r['seconds'] for r in updates):.2f} s"
+            + (f", {pushed} from the trainer's memory" if pushed else "") + ")")
     text += f"; trainer: {len(trainers)} start{'s' * (len(trainers) != 1)}"
     stages = sorted({r["zero_stage"] for r in trainers if "zero_stage" in r})
     if stages:  # the stage the workers trained at (train.zero_stage auto decides there)

@@ -1,7 +1,8 @@
 """vLLM engines as long-lived Ray actors, and the Ray Data UDFs that feed them.
 
 An `Engine` actor is started once per run (pipeline.engines) and keeps its model loaded;
-it receives new weights in place (`update_weights`, no restart). A stage maps its rows over
+it receives new weights in place, no restart: from the trainer's memory through Ray's object
+store (`receive_weights`, workers.weight_sync) or from a checkpoint (`update_weights`). A stage maps its rows over
 the engines with `ds.map_batches(UDF(client, ...), ...)`: each UDF is a thin client
 (`EngineClient`) that sends its batch to one of the pool's engines and returns the rows, so
 Ray Data keeps feeding the engines while the engines outlive every stage. The UDFs are
@@ -63,11 +64,12 @@ def _ints(ids: Sequence[Any]) -> list[int]:
     return [int(t) for t in ids]  # vLLM's msgpack encoder refuses numpy integers
 
 
-def weights_id(path: str) -> str:
+def weights_id(path: str, at: str | None = None) -> str:
     """What identifies the weights at `path`: the path and its safetensors files' sizes and
-    modification times (a checkpoint written again at the same path is other weights)."""
+    modification times (a checkpoint written again at the same path is other weights).
+    `at`: the path the files will have once moved there (a rename keeps sizes and times)."""
     files = sorted(Path(path).glob("*.safetensors"))
-    return "|".join([str(Path(path).resolve())]
+    return "|".join([str(Path(at or path).resolve())]
                     + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files])
 
 
@@ -170,24 +172,54 @@ class Engine:
 
     def update_weights(self, weights_path: str, version: int) -> dict[str, Any]:
         """Load the HF safetensors checkpoint at `weights_path` into the running engine, in
-        place (no restart): returns {'version', 'bytes', 'seconds'}.
+        place (no restart): returns {'version', 'bytes', 'seconds', 'via'}."""
+        size = sum(f.stat().st_size for f in Path(weights_path).glob("*.safetensors"))
+        return self._load(weights_path, version, size, "disk",
+                          kwargs={"weights_path": weights_path})
 
-        vLLM's `reload_weights` reloads every weight of the checkpoint, but on CPU the LM
-        head of a model with tied embeddings keeps the packed copy of the old embedding that
-        was made at start (the checkpoint holds no separate head weight, so it is never
+    def receive_weights(self, refs: list[Any], weights_path: str, version: int
+                        ) -> dict[str, Any]:
+        """Load the weights the trainer put into Ray's object store (`workers.weight_sync`,
+        the same as the files at `weights_path`) in place, from memory: returns
+        {'version', 'bytes', 'seconds', 'via'}. If they are gone (their owner, the
+        trainer's rank 0, died), the files at `weights_path` are loaded instead."""
+        import ray
+
+        from workers import weight_sync
+
+        t = time.perf_counter()
+        self.watchdog.progress(self.calls, "weight update (object store)")
+        try:
+            weights = weight_sync.receive(refs, self.watchdog.timeout_s)
+        except ray.exceptions.RayError:  # lost with its owner: the exported files hold them
+            return self.update_weights(weights_path, version)
+        finally:
+            self.watchdog.idle()
+        return self._load(weights_path, version, weight_sync.nbytes(weights), "object_store",
+                          kwargs={"weights_iterator": weights}, started=t)
+
+    def _load(self, weights_path: str, version: int, size: int, via: str,
+              kwargs: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+        """vLLM's `reload_weights` with `kwargs` (a checkpoint path or the weights
+        themselves), then what it leaves undone; the engine then serves `weights_path`'s
+        weights as version `version`.
+
+        vLLM's `reload_weights` reloads every weight it is given, but on CPU the LM head of
+        a model with tied embeddings keeps the packed copy of the old embedding that was
+        made at start (there is no separate head weight to load, so it is never
         re-processed): `_refresh_tied_head` packs it again. The prefix cache holds KV of the
         old weights and is reset."""
-        t = time.perf_counter()
+        t = time.perf_counter() if started is None else started
         self.watchdog.progress(self.calls, "weight update")
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_path})
+            self.llm.collective_rpc("reload_weights", kwargs=kwargs)
             self.llm.collective_rpc(_refresh_tied_head)
             self.llm.reset_prefix_cache()
         finally:
             self.watchdog.idle()
         self.version, self.weights = version, weights_id(weights_path)
-        size = sum(f.stat().st_size for f in Path(weights_path).glob("*.safetensors"))
-        update = {"version": version, "bytes": size, "seconds": time.perf_counter() - t}
+        update = {"version": version, "bytes": size, "seconds": time.perf_counter() - t,
+                  "via": via}
         self._lifecycle("weight_update", **update)
         return update
 

@@ -256,7 +256,9 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
               trainer: TrainerSession, shuffle: bool = True, round_index: int = 0,
               carry: bool = False, key: str = "train") -> dict[str, Any]:
     """Train on `data_dir` (parquet with ref columns) on the run's trainer; the workers write
-    the HF model to out_dir/model (with LoRA also the adapter to out_dir/adapter).
+    the HF model to out_dir/model (with LoRA also the adapter to out_dir/adapter). The
+    result's `offered` holds the references to the same weights in Ray's object store
+    (train.weight_transfer), or None.
 
     shuffle=False keeps a curriculum instead: pairs in decreasing reward gap (Curry-DPO).
     carry=True (sampled rounds): the pairs this round does not train on (all of them when
@@ -305,6 +307,7 @@ def run_train(data_dir: Path, policy_path: str, cfg: RunConfig, out_dir: Path,
         if not (out_dir / d).is_dir():
             raise RuntimeError(f"training finished without writing {out_dir / d}")
     return {**exported, "num_pairs": num_pairs, "optimizer_steps": steps,
+            "offered": final.get("weights"),  # the weights in the object store, or None
             "trained_pairs": trained, "carried": carried,
             "steps_done": final.get("step"), "nonfinite_skipped": final.get("nonfinite_skipped", 0),
             "stalls_survived": [{k: v for k, v in x.items() if k != "stack"} for x in stalls],

@@ -10,6 +10,8 @@ cannot see (../shared/STACK-NOTES.md, "Weight updates").
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -39,10 +41,26 @@ def gap(a, b):
     return max(abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v, strict=True))
 
 
+def owner_class() -> type:
+    """An actor that puts weights into the object store from a process of its own (their
+    owner). Defined in a function so Ray ships the class by value."""
+
+    class Owner:
+        def offer(self, weights):
+            from workers.weight_sync import offer
+
+            return offer(weights)
+
+    return Owner
+
+
 def test_updated_engine_equals_a_fresh_engine_and_hf(ray_cluster, toy_world, tmp_path):
+    """Both ways in: the weights from the object store (what a round's trainer offers) and
+    from a checkpoint on disk, and from disk again when the offered objects are lost."""
     import ray
 
     from workers.vllm_pool import Engine
+    from workers.weight_sync import offer
 
     old_dir, new_dir = str(toy_world.model_dir), str(tmp_path / "new")
     old, new = changed_copy(old_dir, new_dir)
@@ -51,18 +69,36 @@ def test_updated_engine_equals_a_fresh_engine_and_hf(ray_cluster, toy_world, tmp
     engine_actor = ray.remote(Engine).options(num_cpus=0)
     running = engine_actor.remote(old_dir, config)
     before = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
-    info = ray.get(running.update_weights.remote(new_dir, 1))
-    after = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
+    pushed = ray.get(running.receive_weights.remote(offer(new), new_dir, 1))
+    after_push = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
+    back = ray.get(running.update_weights.remote(old_dir, 2))
+    after_disk = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
+    owner = ray.remote(owner_class()).options(num_cpus=0).remote()
+    lost_refs = ray.get(owner.offer.remote(new))
+    ray.kill(owner)  # the objects go with their owner (a dead trainer rank 0)
+    deadline = time.monotonic() + 60  # until the loss is known (a moment after the death)
+    while time.monotonic() < deadline:
+        try:
+            ray.get(lost_refs[0], timeout=10)
+        except ray.exceptions.OwnerDiedError:
+            break
+        time.sleep(0.2)
+    lost = ray.get(running.receive_weights.remote(lost_refs, new_dir, 3))
+    after_lost = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
     served = ray.get(running.__ray_call__.remote(lambda self: self.version))
     ray.kill(running)
     fresh_actor = engine_actor.remote(new_dir, config)
     fresh = ray.get(fresh_actor.sequence_logprobs.remote(PROMPTS, RESPONSES))
     ray.kill(fresh_actor)
     hf = hf_logprobs(new_dir)
-    print(f"update: {info}; gaps: before-vs-hf {gap(before, hf):.3g}, updated-vs-fresh"
-          f" {gap(after, fresh):.3g}, updated-vs-hf {gap(after, hf):.3g}")
-    assert served == info["version"] == 1
-    assert info["bytes"] > 0 and info["seconds"] > 0
+    print(f"updates: {pushed}, {back}, {lost}; gaps: before-vs-hf {gap(before, hf):.3g},"
+          f" pushed-vs-fresh {gap(after_push, fresh):.3g}, pushed-vs-hf {gap(after_push, hf):.3g},"
+          f" back-vs-start {gap(after_disk, before):.3g}, lost-vs-fresh {gap(after_lost, fresh):.3g}")
+    assert (pushed["via"], back["via"], lost["via"]) == ("object_store", "disk", "disk")
+    assert served == lost["version"] == 3 and pushed["version"] == 1 and back["version"] == 2
+    assert pushed["bytes"] == sum(v.numel() * v.element_size() for v in new.values())
+    assert all(u["bytes"] > 0 and u["seconds"] > 0 for u in (pushed, back, lost))
     assert gap(before, hf) > 1e-2  # the new weights do change the log-probs
-    assert gap(after, fresh) < 1e-5
-    assert gap(after, hf) < 1e-4
+    assert gap(after_push, fresh) < 1e-5 and gap(after_push, hf) < 1e-4
+    assert gap(after_disk, before) < 1e-5  # the starting weights again, from disk
+    assert gap(after_lost, fresh) < 1e-5

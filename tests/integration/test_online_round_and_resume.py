@@ -128,6 +128,12 @@ def test_metrics_across_rounds(two_rounds):
     first, second = (pq.read_table(run_dir / f"round-{k}" / "evaluate" / "samples.parquet")
                      .column("reference_response").to_pylist() for k in (0, 1))
     assert first == second and len(first) == 8
+    # round 1's reference (the round-0 policy) came from the trainer's memory, not from disk
+    updates = [r for r in rows if r.get("event") == "weight_update"]
+    pushed = [r for r in updates if r["via"] == "object_store"]
+    assert any(r["round"] == 1 and r["stage"] == "reference" for r in pushed), updates
+    size = (run_dir / "round-0" / "train" / "model" / "model.safetensors").stat().st_size
+    assert all(0 < size - r["bytes"] < 64_000 for r in pushed)  # the tensors: the file less its header
 
 
 def test_round_0s_evaluation_ran_beside_round_1_up_to_its_reference(two_rounds):

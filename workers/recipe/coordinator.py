@@ -68,8 +68,13 @@ class RoundCoordinator:
         self._notify()
 
     async def result(self, round_index: int, wait_s: float = 0.0) -> dict[str, Any] | None:
-        """Round `round_index`'s result, once rank 0 handed it back (None within `wait_s`)."""
-        return await self._answer(lambda: self.results.get(round_index), wait_s)
+        """Round `round_index`'s result, once rank 0 handed it back (None within `wait_s`).
+        The references to the round's weights in the object store (`weights`, if any) go to
+        the first asker only: kept here, they would keep every round's weights alive."""
+        out = await self._answer(lambda: self.results.get(round_index), wait_s)
+        if out is not None and "weights" in out:
+            self.results[round_index] = {k: v for k, v in out.items() if k != "weights"}
+        return out
 
     def in_flight(self) -> bool:
         """Is a submitted round still without its result?"""

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from workers import lora
+from workers import lora, weight_sync
 from workers.logprobs import ResponseLogps
 from workers.nonfinite import (
     NonFiniteGuard,
@@ -380,33 +380,40 @@ class DPORecipe:
         if guard.stop_reason:  # a clean stop, not an error: the driver raises it, no retry
             return {"stopped": guard.stop_reason, "step": state.step,
                     "nonfinite_events": guard.events}
-        self.export(Path(job.out_dir))
+        offered = self.export(Path(job.out_dir))
         return {"step": state.step, "nonfinite_skipped": guard.skipped,
                 "running_mean": state.running.mean,
-                "data_exhausted": ran_out}
+                "data_exhausted": ran_out, **({"weights": offered} if offered else {})}
 
     def save(self, job: RoundJob, state: LoopState, metrics: dict[str, Any],
              guard: NonFiniteGuard) -> None:
         checkpoint.save(self.engine, state, metrics, guard, self.engine.device, self.rank,
                         job.round_index, job.key)
 
-    def export(self, out_dir: Path) -> None:
-        """Gather ZeRO-3 shards into one state dict; rank 0 saves a HF safetensors model to
-        out_dir/model (with LoRA: the merged model there, the adapter in out_dir/adapter)."""
+    def export(self, out_dir: Path) -> list[Any] | None:
+        """Gather ZeRO-3 shards into one state dict (DeepSpeed gathers one parameter at a
+        time); rank 0 saves a HF safetensors model to out_dir/model (with LoRA: the merged
+        model there, the adapter in out_dir/adapter). With train.weight_transfer
+        'object_store' (full weights), rank 0 also puts them into Ray's object store for the
+        engines and returns the references (workers.weight_sync), else None."""
         engine = self.engine
         if self.cfg.zero_stage == 3:
             state = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
         else:
             state = engine.module.state_dict()
         if self.rank != 0:
-            return
+            return None
         prefix, out = "lm.", out_dir / "model"
+        offered = None
         if self.peft is not None:
             lora.export(state, self.peft, prefix, out_dir / "adapter", out)
         else:
             weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             engine.module.lm.save_pretrained(out, state_dict=weights, safe_serialization=True)
+            if self.cfg.weight_transfer == "object_store":
+                offered = weight_sync.offer(weights)
         self.tokenizer.save_pretrained(out)
+        return offered
 
 
 def next_job(coordinator: Any, after: int, watchdog: Watchdog | None) -> RoundJob | None:

@@ -8,11 +8,13 @@ def test_counts_this_sessions_events_only():
             {"kind": "lifecycle", "time": 10.0, "event": "engine_start", "restarted": False},
             {"kind": "lifecycle", "time": 11.0, "event": "engine_start", "restarted": True},
             {"kind": "lifecycle", "time": 12.0, "event": "weight_update", "seconds": 0.25},
-            {"kind": "lifecycle", "time": 13.0, "event": "weight_update", "seconds": 0.5},
+            {"kind": "lifecycle", "time": 13.0, "event": "weight_update", "seconds": 0.5,
+             "via": "object_store"},
             {"kind": "lifecycle", "time": 14.0, "event": "trainer_start"},
             {"kind": "train", "time": 15.0, "event": "engine_start"}]
     assert lifecycle_line(rows, since=10.0) == (
-        "engines: 2 started (1 restarts), 2 weight updates (0.75 s); trainer: 1 start")
+        "engines: 2 started (1 restarts), 2 weight updates (0.75 s, 1 from the trainer's"
+        " memory); trainer: 1 start")
     assert lifecycle_line(rows).startswith("engines: 3 started")
     assert lifecycle_line([]) == "engines: 0 started, 0 weight updates (0.00 s); trainer: 0 starts"
 

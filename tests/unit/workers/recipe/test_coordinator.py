@@ -45,3 +45,17 @@ def test_stop_ends_every_waiting_ask():
         return await asyncio.wait_for(asyncio.gather(*asks), 5)
 
     assert asyncio.run(scenario()) == [STOP, STOP, STOP]
+
+
+def test_the_references_to_a_rounds_weights_go_to_the_first_asker_only():
+    """Kept by the coordinator, the object-store references of every round's weights would
+    keep them all alive (workers.weight_sync): the driver's ask takes them."""
+    async def scenario():
+        coord = RoundCoordinator()
+        coord.submit({"round_index": 0})
+        coord.finish(0, {"step": 2, "weights": ["ref-a", "ref-b"]})
+        first = await coord.result(0)
+        again = await coord.result(0)
+        return first, again
+
+    assert asyncio.run(scenario()) == ({"step": 2, "weights": ["ref-a", "ref-b"]}, {"step": 2})

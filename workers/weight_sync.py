@@ -1,0 +1,68 @@
+"""A round's trained weights, handed from the trainer to the engines through Ray's object store.
+
+After a round, rank 0 of the trainer holds the consolidated weights it just exported (the
+ZeRO-3 shards gathered one parameter at a time by DeepSpeed). Besides writing them to
+out_dir/model (what resume and a restarted engine load), it puts them into Ray's object
+store, one decoder layer per object (`offer`). The driver passes those references to the
+policy engines when it next needs the round's weights (pipeline.engines), and each engine
+loads them in place from memory (`receive`): no file is read, and the engines need not
+share a file system with the trainer.
+
+The references are owned by rank 0's process: if it dies (a worker-group restart) they are
+lost, and an engine loads the exported files instead (workers.vllm_pool.Engine.receive_weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+def layer_of(name: str) -> str:
+    """The group a parameter belongs to: its name up to the first integer segment (a decoder
+    layer: `model.layers.3.mlp.up_proj.weight` → `model.layers.3`), else the name itself
+    (embeddings, final norm, LM head)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def layer_groups(weights: dict[str, torch.Tensor]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`weights` as consecutive groups of one decoder layer each (un-indexed names alone), in
+    the order of the state dict, each tensor a contiguous CPU copy detached from training."""
+    group: list[tuple[str, torch.Tensor]] = []
+    current = None
+    for name, tensor in weights.items():
+        layer = layer_of(name)
+        if group and layer != current:
+            yield group
+            group = []
+        current = layer
+        group.append((name, tensor.detach().to("cpu", copy=True).contiguous()))
+    if group:
+        yield group
+
+
+def offer(weights: dict[str, torch.Tensor]) -> list[Any]:
+    """Put `weights` (HF names) into Ray's object store, a decoder layer per object: the
+    references, in order. One layer at a time is copied, so the caller's memory peak grows
+    by one layer, not by the model."""
+    import ray
+
+    return [ray.put(group) for group in layer_groups(weights)]
+
+
+def receive(refs: Iterable[Any], timeout_s: float) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs behind `offer`'s references, in order (raises Ray's error if
+    their owner died, or GetTimeoutError after `timeout_s`)."""
+    import ray
+
+    return [pair for group in ray.get(list(refs), timeout=timeout_s) for pair in group]
+
+
+def nbytes(weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for _, t in weights)
