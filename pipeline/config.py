@@ -230,13 +230,14 @@ class TrainConfig(_Section):
         " Must exceed the longest phase after setup (one step, a checkpoint, the export);"
         " setup (loading the model, building DeepSpeed and its ops) is allowed 3x this.")
 
-    weight_transfer: Literal["object_store", "disk"] = Field(
-        "object_store", description="How a round's trained weights reach the policy engines"
-        " (always also exported to the round's model/ directory, which resume and a restarted"
-        " engine load). object_store: rank 0 puts them into Ray's object store, a decoder"
-        " layer per object, and the engines load them from memory (no file read, no shared"
-        " file system needed; the store holds one round's weights at a time). disk: the"
-        " engines load the exported files. LoRA rounds always hand over the adapter's files.")
+    weight_transfer: Literal["disk", "object_store"] = Field(
+        "disk", description="How a round's trained weights reach the engines (they are always"
+        " exported to the round's model/ directory, which resume and a restarted engine load)."
+        " disk: the engines load the exported files. object_store: rank 0 also puts them into"
+        " Ray's object store, a decoder layer per object, and the engines load them from"
+        " memory, reading no file (for checkpoint storage that is slow to read, e.g. a network"
+        " volume; on one machine both cost the same, bench/bench_weight_update.py). The store"
+        " then holds one round's weights. LoRA rounds always hand over the adapter's files.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

@@ -14,9 +14,11 @@ lost, and an engine loads the exported files instead (workers.vllm_pool.Engine.r
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -33,7 +35,8 @@ def layer_of(name: str) -> str:
 
 def layer_groups(weights: dict[str, torch.Tensor]) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """`weights` as consecutive groups of one decoder layer each (un-indexed names alone), in
-    the order of the state dict, each tensor a contiguous CPU copy detached from training."""
+    the order of the state dict, each tensor detached, on the CPU and contiguous (copied
+    only where it was not)."""
     group: list[tuple[str, torch.Tensor]] = []
     current = None
     for name, tensor in weights.items():
@@ -42,26 +45,47 @@ def layer_groups(weights: dict[str, torch.Tensor]) -> Iterator[list[tuple[str, t
             yield group
             group = []
         current = layer
-        group.append((name, tensor.detach().to("cpu", copy=True).contiguous()))
+        group.append((name, tensor.detach().to("cpu").contiguous()))
     if group:
         yield group
 
 
+def to_wire(tensor: torch.Tensor) -> tuple[str, np.ndarray]:
+    """A CPU tensor as (dtype name, numpy array sharing its memory): Ray stores numpy arrays
+    as raw buffers and hands them back without a copy (a torch tensor goes through pickle:
+    measured 5x slower to put and ~700x slower to get, `bench/bench_weight_update.py`).
+    bfloat16, which numpy lacks, travels as its 16 bits."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        return dtype, tensor.view(torch.int16).numpy()
+    return dtype, tensor.numpy()
+
+
+def from_wire(dtype: str, array: np.ndarray) -> torch.Tensor:
+    """The tensor `to_wire` sent, on `array`'s memory (no copy; read-only when the array comes
+    from the object store: a loader copies it into its parameters)."""
+    with warnings.catch_warnings():  # torch warns on wrapping a read-only array
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
 def offer(weights: dict[str, torch.Tensor]) -> list[Any]:
-    """Put `weights` (HF names) into Ray's object store, a decoder layer per object: the
-    references, in order. One layer at a time is copied, so the caller's memory peak grows
-    by one layer, not by the model."""
+    """Put `weights` (HF names) into Ray's object store, a decoder layer per object (the put
+    copies them: training may go on): the references, in order."""
     import ray
 
-    return [ray.put(group) for group in layer_groups(weights)]
+    return [ray.put([(name, *to_wire(t)) for name, t in group])
+            for group in layer_groups(weights)]
 
 
 def receive(refs: Iterable[Any], timeout_s: float) -> list[tuple[str, torch.Tensor]]:
-    """The (name, tensor) pairs behind `offer`'s references, in order (raises Ray's error if
-    their owner died, or GetTimeoutError after `timeout_s`)."""
+    """The (name, tensor) pairs behind `offer`'s references, in order, on the object store's
+    memory (raises Ray's error if their owner died, or GetTimeoutError after `timeout_s`)."""
     import ray
 
-    return [pair for group in ray.get(list(refs), timeout=timeout_s) for pair in group]
+    return [(name, from_wire(dtype, array))
+            for group in ray.get(list(refs), timeout=timeout_s) for name, dtype, array in group]
 
 
 def nbytes(weights: Iterable[tuple[str, torch.Tensor]]) -> int:

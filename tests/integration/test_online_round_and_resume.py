@@ -35,7 +35,7 @@ def two_rounds(ray_cluster, make_config, tmp_path_factory):
                                        "reference": "previous"},
                       sampling={"n": N}, eval={"num_prompts": 8},
                       train={"num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4,
-                             "checkpoint_every": 2})
+                             "checkpoint_every": 2, "weight_transfer": "object_store"})
     config = run_dir.parent / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     address = ray.get_runtime_context().gcs_address

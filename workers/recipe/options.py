@@ -49,7 +49,7 @@ class TrainLoopConfig:
     metrics_sink: Any = None  # a MetricsSink actor handle, or None
     progress_board: Any = None  # a workers.watchdog.ProgressBoard actor handle, or None
     coordinator: Any = None  # a workers.recipe.coordinator.RoundCoordinator actor handle
-    weight_transfer: str = "object_store"  # see pipeline.config.TrainConfig.weight_transfer
+    weight_transfer: str = "disk"  # 'disk' | 'object_store' (pipeline.config.TrainConfig)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     HANDLES = ("metrics_sink", "progress_board", "coordinator")  # actor handles, not copied
