@@ -146,7 +146,7 @@ class Engines:
         if slot is not None:
             calls = [a.load_adapter.remote(slot, weights_path, version) for a in pool.actors]
         elif self.offered is not None and self.offered[0] == wanted:
-            calls = [a.receive_weights.remote(self.offered[1], weights_path, version)
+            calls = [a.receive_weights.remote(self.offered[1], weights_path, wanted, version)
                      for a in pool.actors]
         else:
             calls = [a.update_weights.remote(weights_path, version) for a in pool.actors]

@@ -177,12 +177,14 @@ class Engine:
         return self._load(weights_path, version, size, "disk",
                           kwargs={"weights_path": weights_path})
 
-    def receive_weights(self, refs: list[Any], weights_path: str, version: int
+    def receive_weights(self, refs: list[Any], weights_path: str, weights: str, version: int
                         ) -> dict[str, Any]:
-        """Load the weights the trainer put into Ray's object store (`workers.weight_sync`,
-        the same as the files at `weights_path`) in place, from memory: returns
-        {'version', 'bytes', 'seconds', 'via'}. If they are gone (their owner, the
-        trainer's rank 0, died), the files at `weights_path` are loaded instead."""
+        """Load the weights the trainer put into Ray's object store (`workers.weight_sync`),
+        which are those exported at `weights_path` (`weights`: their weights_id, as the
+        driver computed it), in place, from memory: returns {'version', 'bytes', 'seconds',
+        'via'}. If they are gone (their owner, the trainer's rank 0, died), the files at
+        `weights_path` are loaded instead. Getting them may take up to half the call
+        timeout (then GetTimeoutError, before the watchdog would end the engine)."""
         import ray
 
         from workers import weight_sync
@@ -190,19 +192,21 @@ class Engine:
         t = time.perf_counter()
         self.watchdog.progress(self.calls, "weight update (object store)")
         try:
-            weights = weight_sync.receive(refs, self.watchdog.timeout_s)
-        except ray.exceptions.RayError:  # lost with its owner: the exported files hold them
+            tensors = weight_sync.receive(refs, self.watchdog.timeout_s / 2)
+        except ray.exceptions.ObjectLostError:  # with its owner: the exported files hold them
             return self.update_weights(weights_path, version)
         finally:
             self.watchdog.idle()
-        return self._load(weights_path, version, weight_sync.nbytes(weights), "object_store",
-                          kwargs={"weights_iterator": weights}, started=t)
+        return self._load(weights_path, version, weight_sync.nbytes(tensors), "object_store",
+                          kwargs={"weights_iterator": tensors}, started=t, weights=weights)
 
     def _load(self, weights_path: str, version: int, size: int, via: str,
-              kwargs: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+              kwargs: dict[str, Any], started: float | None = None,
+              weights: str | None = None) -> dict[str, Any]:
         """vLLM's `reload_weights` with `kwargs` (a checkpoint path or the weights
         themselves), then what it leaves undone; the engine then serves `weights_path`'s
-        weights as version `version`.
+        weights (`weights`, their weights_id; by default read off the files) as version
+        `version`.
 
         vLLM's `reload_weights` reloads every weight it is given, but on CPU the LM head of
         a model with tied embeddings keeps the packed copy of the old embedding that was
@@ -217,7 +221,7 @@ class Engine:
             self.llm.reset_prefix_cache()
         finally:
             self.watchdog.idle()
-        self.version, self.weights = version, weights_id(weights_path)
+        self.version, self.weights = version, weights or weights_id(weights_path)
         update = {"version": version, "bytes": size, "seconds": time.perf_counter() - t,
                   "via": via}
         self._lifecycle("weight_update", **update)

@@ -5,8 +5,9 @@ ZeRO-3 shards gathered one parameter at a time by DeepSpeed). Besides writing th
 out_dir/model (what resume and a restarted engine load), it puts them into Ray's object
 store, one decoder layer per object (`offer`). The driver passes those references to the
 policy engines when it next needs the round's weights (pipeline.engines), and each engine
-loads them in place from memory (`receive`): no file is read, and the engines need not
-share a file system with the trainer.
+loads them in place from memory (`receive`): no file is read for the update. (The exported
+files stay what a restarted engine and the fallback below load, so the run directory is
+still on storage every node sees, as the rest of the pipeline needs.)
 
 The references are owned by rank 0's process: if it dies (a worker-group restart) they are
 lost, and an engine loads the exported files instead (workers.vllm_pool.Engine.receive_weights).
@@ -81,7 +82,8 @@ def offer(weights: dict[str, torch.Tensor]) -> list[Any]:
 
 def receive(refs: Iterable[Any], timeout_s: float) -> list[tuple[str, torch.Tensor]]:
     """The (name, tensor) pairs behind `offer`'s references, in order, on the object store's
-    memory (raises Ray's error if their owner died, or GetTimeoutError after `timeout_s`)."""
+    memory (raises ray.exceptions.ObjectLostError if they are gone with their owner, or
+    GetTimeoutError after `timeout_s`)."""
     import ray
 
     return [(name, from_wire(dtype, array))

@@ -59,7 +59,7 @@ def test_updated_engine_equals_a_fresh_engine_and_hf(ray_cluster, toy_world, tmp
     from a checkpoint on disk, and from disk again when the offered objects are lost."""
     import ray
 
-    from workers.vllm_pool import Engine
+    from workers.vllm_pool import Engine, weights_id
     from workers.weight_sync import offer
 
     old_dir, new_dir = str(toy_world.model_dir), str(tmp_path / "new")
@@ -69,7 +69,7 @@ def test_updated_engine_equals_a_fresh_engine_and_hf(ray_cluster, toy_world, tmp
     engine_actor = ray.remote(Engine).options(num_cpus=0)
     running = engine_actor.remote(old_dir, config)
     before = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
-    pushed = ray.get(running.receive_weights.remote(offer(new), new_dir, 1))
+    pushed = ray.get(running.receive_weights.remote(offer(new), new_dir, weights_id(new_dir), 1))
     after_push = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
     back = ray.get(running.update_weights.remote(old_dir, 2))
     after_disk = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
@@ -83,7 +83,7 @@ def test_updated_engine_equals_a_fresh_engine_and_hf(ray_cluster, toy_world, tmp
         except ray.exceptions.OwnerDiedError:
             break
         time.sleep(0.2)
-    lost = ray.get(running.receive_weights.remote(lost_refs, new_dir, 3))
+    lost = ray.get(running.receive_weights.remote(lost_refs, new_dir, weights_id(new_dir), 3))
     after_lost = ray.get(running.sequence_logprobs.remote(PROMPTS, RESPONSES))
     served = ray.get(running.__ray_call__.remote(lambda self: self.version))
     ray.kill(running)
